@@ -11,5 +11,5 @@ python3 -m mani_skill.examples.motionplanning.panda.run -e "$env_id" -n "$num" -
   --num-procs 1 --record-dir "$out" --traj-name "$name" >&2
 python3 -m mani_skill.trajectory.replay_trajectory --traj-path "$out/$env_id/motionplanning/$name.h5" \
   -b physx_cpu -o state -c "$control_mode" --save-traj --record-rewards --reward-mode normalized_dense \
-  --num-procs 1 >&2
+  --num-envs 1 >&2
 echo "$out/$env_id/motionplanning/$name.state.$control_mode.physx_cpu.h5"
