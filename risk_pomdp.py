@@ -197,10 +197,14 @@ def evaluate(model: Pomdp, policy: list[np.ndarray], gamma: float, sigma1: np.nd
     return value_from_level1(sigma1, beta, gamma)
 
 
-def plan(model: Pomdp, gamma: float, bonus: np.ndarray | None = None) -> tuple[list[np.ndarray], float]:
+def plan(
+    model: Pomdp, gamma: float, bonus: np.ndarray | None = None, rng: np.random.Generator | None = None
+) -> tuple[list[np.ndarray], float]:
     """Optimistic beta-vector value iteration on `model` with bonus b (H, S, A); None = exact planning.
 
-    Returns the greedy deterministic policy (actions per history, per step) and its optimistic value."""
+    Returns the greedy deterministic policy (actions per history, per step) and its optimistic value.
+    With rng, ties are broken uniformly at random: early on every optimistic beta sits at the clip bound,
+    and a fixed tie-break would keep playing action 0 until its bonus shrinks."""
     H, nS, nA = model.r.shape
     sigma = risk_beliefs(model, gamma)
     policy, beta = [None] * H, None
@@ -211,6 +215,8 @@ def plan(model: Pomdp, gamma: float, bonus: np.ndarray | None = None) -> tuple[l
             lo, hi = (0.0, n) if gamma == 0 else (np.exp(min(gamma, 0) * n), np.exp(max(gamma, 0) * n))
             beta_a = np.clip(beta_a + sign(gamma) * bonus[h].T[None], lo, hi)
         q = sign(gamma) * np.einsum("is,ias->ia", sigma[h], beta_a)  # monotone in Q_h(f_h, a)
+        if rng is not None:
+            q = np.where(q >= q.max(1, keepdims=True) - 1e-12, rng.random(q.shape), -1.0)
         policy[h] = np.argmax(q, axis=1)
         beta = beta_a[np.arange(len(q)), policy[h]]
     return policy, value_from_level1(sigma[0], beta, gamma)
@@ -281,12 +287,15 @@ def run(args: Args, seed: int) -> tuple[np.ndarray, float]:
     J_star = plan(true, gamma)[1]
     iota = np.log(K * H * nS * nO * nA / args.delta)
     N_mu, N_T, N_O = np.zeros(nS), np.zeros((H, nS, nA, nS)), np.zeros((H, nS, nO))
-    regret, t0 = np.empty(K), time.time()
+    regret, J_cache, t0 = np.empty(K), {}, time.time()
     for k in range(K):
         model = estimate(N_mu, N_T, N_O)._replace(r=true.r)
         b = args.bonus_scale * bonus(N_T.sum(-1), N_O.sum(-1), model.T, nO, gamma_plan, iota)
-        policy, _ = plan(model, gamma_plan, b)
-        regret[k] = J_star - evaluate(true, policy, gamma, sigma1)
+        policy, _ = plan(model, gamma_plan, b, rng)
+        key = b"".join(p.tobytes() for p in policy)  # pi^k often repeats; its exact J is then known
+        if key not in J_cache:
+            J_cache[key] = evaluate(true, policy, gamma, sigma1)
+        regret[k] = J_star - J_cache[key]
         s, o, a, _ = sample_episode(true, policy, rng)
         update_counts(N_mu, N_T, N_O, s, o, a)
         if args.print_every and ((k + 1) % args.print_every == 0 or k + 1 == K):
