@@ -21,7 +21,9 @@ import risk_pomdp as rp  # noqa: E402
 OUT = Path(__file__).resolve().parents[1] / "results" / "risk_pomdp"
 ENVS = {"random": dict(num_states=3, num_obs=2, num_actions=2, horizon=4), "tiger": dict(horizon=4)}
 GAMMAS = [-1.0, -0.5, 0.5, 1.0]
-SCALES = [1.0, 0.03]  # 1 = the paper's bonus; 0.03 picked from a 3-seed pilot over {0.1, 0.03, 0.01}
+# 1 = the paper's bonus. 0.03 was picked by hand from short pilots on the same instances (K=3000, seeds 1-3
+# for 0.03/0.01, seed 1 for 0.1, which was still near-linear at K=3000), so it is tuned, not a priori.
+SCALES = [1.0, 0.03]
 LEARNERS = ["bvvi", "neutral"]
 SEEDS = [1, 2, 3, 4, 5]
 K = 4000
