@@ -77,8 +77,10 @@ class Args:
     """parallel training envs (AsyncVectorEnv processes on CPU, one physx_cuda process on GPU)"""
     num_eval_envs: int = 2
     """parallel evaluation envs"""
-    max_episode_steps: int | None = 100
-    """episode length cap in env steps (motion-planned PickCube demos need up to ~100); None: the env's"""
+    reward_mode: str = "sparse"
+    """ManiSkill reward: sparse = 1 at success (πRL fine-tunes on task success) or normalized_dense"""
+    max_episode_steps: int | None = None
+    """episode length; None: 100 for ManiSkill (motion-planned PickCube demos take <= 99), else the env's"""
 
     # Policy (flow-matching action expert)
     denoising_steps: int = 4
@@ -95,7 +97,7 @@ class Args:
     """ManiSkill h5 demos (traj_i/obs, traj_i/actions); without it RL starts from a random policy"""
     num_demos: int | None = None
     """use only the first N trajectories of the file"""
-    sft_steps: int = 5000
+    sft_steps: int = 2000
     """gradient steps of flow-matching behaviour cloning before RL"""
     sft_lr: float = 3e-4
     """SFT learning rate"""
@@ -121,12 +123,14 @@ class Args:
     # PPO
     total_timesteps: int = 100_000
     """total env steps of RL"""
-    num_steps: int = 64
+    num_steps: int = 100
     """chunk steps per env per rollout (env steps per rollout = num_envs·num_steps·C)"""
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-5
     """actor (velocity net) learning rate"""
-    critic_lr: float = 3e-4
+    critic_learning_rate: float = 3e-4
     """critic learning rate"""
+    critic_warmup: int = 2
+    """the first N updates train only the critic (a random critic would drag the SFT policy)"""
     gamma: float = 0.99
     """discount per chunk step"""
     gae_lambda: float = 0.95
@@ -137,21 +141,23 @@ class Args:
     """PPO epochs per rollout"""
     clip_coef: float = 0.2
     """PPO ratio clip ε"""
-    vf_clip: float = 0.2
+    value_clip: float = 0.2
     """value clip around the rollout's values"""
     huber_delta: float = 10.0
     """δ of the Huber value loss"""
+    vf_coef: float = 0.5
+    """value-loss coefficient"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     target_kl: float | None = None
     """stop the epochs early above this approximate KL"""
 
     # Evaluation and logging
-    eval_freq: int = 10
+    eval_every: int = 5
     """evaluate every N iterations (and before RL and at the end); 0: only at the end"""
-    num_eval_episodes: int = 20
+    eval_episodes: int = 20
     """episodes per evaluation (0: no evaluation while training)"""
-    save_freq: int = 25
+    checkpoint_every: int = 5
     """checkpoint every N iterations (and at the end)"""
 
     # filled at runtime
@@ -201,13 +207,13 @@ def reduce_log_prob(logp, C: int, logprob_type: str):
     return logp.sum((1, 2)) if logprob_type == "chunk" else logp
 
 
-def ppo_loss(logp, old_logp, adv, value, old_value, ret, clip_coef, vf_clip, huber_delta):
+def ppo_loss(logp, old_logp, adv, value, old_value, ret, clip_coef, value_clip, huber_delta):
     """Clipped-ratio policy loss and clipped Huber value loss; adv (B,) broadcasts over token log-probs."""
     adv = adv.view(-1, *([1] * (logp.dim() - 1)))
     logratio = logp - old_logp
     ratio = logratio.exp()
     pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
-    v_clipped = old_value + (value - old_value).clamp(-vf_clip, vf_clip)
+    v_clipped = old_value + (value - old_value).clamp(-value_clip, value_clip)
     huber = partial(nn.functional.huber_loss, reduction="none", delta=huber_delta)
     v_loss = torch.max(huber(value, ret), huber(v_clipped, ret)).mean()
     with torch.no_grad():
@@ -310,12 +316,10 @@ def sft_loss(agent, o, x0):
     return ((agent.v((1 - t) * x0 + t * x1, t[:, 0, 0], o) - (x1 - x0)) ** 2).mean()
 
 
-def ppo_update(agent, optimizer, b, args, a):
+def ppo_update(agent, optimizer, b, args, a, update_policy=True):
     """PPO epochs over one rollout batch b (flat tensors); returns the last minibatch's stats."""
     n = b["obs"].shape[0]
-    advantages = (b["adv"] - b["adv"].mean()) / (
-        b["adv"].std() + 1e-8
-    )  # over the batch: minibatches are tiny
+    advantages = (b["adv"] - b["adv"].mean()) / (b["adv"].std() + 1e-8)  # per batch: minibatches are small
     for _epoch in range(args.update_epochs):
         perm = torch.randperm(n, device=b["obs"].device)
         for start in range(0, n, args.minibatch_size):
@@ -333,11 +337,11 @@ def ppo_update(agent, optimizer, b, args, a):
                 b["values"][mb],
                 b["returns"][mb],
                 args.clip_coef,
-                args.vf_clip,
+                args.value_clip,
                 args.huber_delta,
             )
             optimizer.zero_grad()
-            (pg_loss + v_loss).backward()
+            (pg_loss * update_policy + args.vf_coef * v_loss).backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
         if args.target_kl is not None and approx_kl > args.target_kl:
@@ -360,18 +364,20 @@ def env_kind(env_id):
     )
 
 
-def make_single_env(env_id, kind, control_mode, max_episode_steps):
+def make_single_env(env_id, kind, control_mode, reward_mode, max_episode_steps):
     if kind == "gymnasium":
         return gym.make(env_id, max_episode_steps=max_episode_steps)
     import mani_skill.envs  # noqa: F401
     from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-    kw = dict(obs_mode="state", sim_backend="physx_cpu", render_backend="cpu", reward_mode="normalized_dense")
-    kw["max_episode_steps"] = max_episode_steps
-    return CPUGymWrapper(gym.make(env_id, control_mode=control_mode, **kw))
+    kw = dict(
+        obs_mode="state", sim_backend="physx_cpu", render_backend="cpu", max_episode_steps=max_episode_steps
+    )
+    return CPUGymWrapper(gym.make(env_id, control_mode=control_mode, reward_mode=reward_mode, **kw))
 
 
 def make_vector_env(args, kind, num_envs, device):
+    steps = args.max_episode_steps or (100 if kind == "maniskill" else None)
     if kind == "maniskill" and device.type == "cuda":  # many envs in one GPU process
         import mani_skill.envs  # noqa: F401
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
@@ -382,13 +388,13 @@ def make_vector_env(args, kind, num_envs, device):
             obs_mode="state",
             sim_backend="physx_cuda",
             control_mode=args.control_mode,
-            reward_mode="normalized_dense",
-            max_episode_steps=args.max_episode_steps,
+            reward_mode=args.reward_mode,
+            max_episode_steps=steps,
         )
         return ManiSkillVectorEnv(
             env, num_envs, auto_reset=True, ignore_terminations=False, record_metrics=False
         )
-    fn = partial(make_single_env, args.env_id, kind, args.control_mode, args.max_episode_steps)
+    fn = partial(make_single_env, args.env_id, kind, args.control_mode, args.reward_mode, steps)
     return gym.vector.AsyncVectorEnv(
         [fn] * num_envs, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )  # spawn: fork hangs once SAPIEN is initialised; SAME_STEP: final_obs arrives with the done flag
@@ -462,7 +468,7 @@ def evaluate(agent, envs, norm, args, low, high, device):
     obs, _ = envs.reset(seed=args.seed + 10_000)
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
     n = obs.shape[0]
-    m = -(-args.num_eval_episodes // n)
+    m = -(-args.eval_episodes // n)
     ep, done_eps = new_episode_stats(n, device), [[] for _ in range(n)]
     while min(len(d) for d in done_eps) < m:
         chain, _ = agent.sample(norm(obs), args.denoising_steps, [], 0.0, "ode")
@@ -552,8 +558,8 @@ def main(args):
         raise SystemExit(f"error: checkpoint {args.checkpoint} not found: pass a file written by this script")
     if args.num_action_chunks > args.action_horizon:
         raise SystemExit("error: --num-action-chunks must be <= --action-horizon")
-    if args.evaluate and (args.checkpoint is None or args.num_eval_episodes < 1):
-        raise SystemExit("error: --evaluate needs --checkpoint PATH and --num-eval-episodes >= 1")
+    if args.evaluate and (args.checkpoint is None or args.eval_episodes < 1):
+        raise SystemExit("error: --evaluate needs --checkpoint PATH and --eval-episodes >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     kind = env_kind(args.env_id)
     envs = make_vector_env(args, kind, args.num_eval_envs if args.evaluate else args.num_envs, device)
@@ -580,7 +586,7 @@ def main(args):
     optimizer = torch.optim.Adam(
         [
             {"params": agent.velocity.parameters(), "lr": args.learning_rate},
-            {"params": agent.critic.parameters(), "lr": args.critic_lr},
+            {"params": agent.critic.parameters(), "lr": args.critic_learning_rate},
         ],
         eps=1e-5,
     )
@@ -636,7 +642,7 @@ def main(args):
 
     def log_eval(step):
         nonlocal eval_time
-        if args.num_eval_episodes < 1:
+        if args.eval_episodes < 1:
             return
         t0 = time.time()
         if not eval_envs:  # made on first use: smoke runs without evaluation spawn no extra simulators
@@ -663,7 +669,7 @@ def main(args):
                 print(f"sft step={i} loss={loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
         if args.save_model:
             save_checkpoint(f"{ckpt_dir}/sft_ckpt.pt", agent, optimizer, obs_mean, obs_std, args, 0, 0)
-    if args.eval_freq > 0 and start_iter == 1:
+    if args.eval_every > 0 and start_iter == 1:
         log_eval(global_step)
 
     T, N, K = args.num_steps, args.num_envs, args.denoising_steps
@@ -717,7 +723,7 @@ def main(args):
 
         agent.train()
         t_update = time.time()
-        stats = ppo_update(agent, optimizer, b, args, a)
+        stats = ppo_update(agent, optimizer, b, args, a, update_policy=iteration > args.critic_warmup)
         t_update = time.time() - t_update
 
         sps = int((global_step - start_step) / (time.time() - start_time - eval_time))
@@ -735,9 +741,9 @@ def main(args):
                 )
                 line += f" {k}={val:.3f}"
         print(line, flush=True)
-        if args.eval_freq > 0 and iteration % args.eval_freq == 0 and iteration != args.num_iterations:
+        if args.eval_every > 0 and iteration % args.eval_every == 0 and iteration != args.num_iterations:
             log_eval(global_step)
-        if args.save_model and (iteration % args.save_freq == 0 or iteration == args.num_iterations):
+        if args.save_model and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
             name = "final_ckpt.pt" if iteration == args.num_iterations else f"ckpt_{iteration}.pt"
             save_checkpoint(
                 f"{ckpt_dir}/{name}", agent, optimizer, obs_mean, obs_std, args, global_step, iteration

@@ -1,0 +1,70 @@
+"""TensorBoard runs of flow_sde_ppo.py → one CSV of eval/* and charts/* scalars + a PNG of eval success.
+
+python bench/flow_sde_ppo_plot.py runs/PickCube-v1__fsppo_pick_s1__1__* --out results/flow_sde_ppo/pickcube
+"""
+
+import csv
+import os
+from dataclasses import dataclass
+
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+@dataclass
+class PlotArgs:
+    runs: tuple[str, ...]
+    """run directories (runs/{run_name})"""
+    out: str = "results/flow_sde_ppo/pickcube"
+    """output prefix: {out}.csv and {out}.png"""
+
+
+def main(p):
+    rows = []
+    for run in p.runs:
+        acc = EventAccumulator(run, size_guidance={"scalars": 0})
+        acc.Reload()
+        wall0 = None
+        for tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                wall0 = e.wall_time if wall0 is None else min(wall0, e.wall_time)
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith(("eval/", "charts/")):
+                for e in acc.Scalars(tag):
+                    rows.append(
+                        dict(
+                            run=os.path.basename(run.rstrip("/")),
+                            tag=tag,
+                            env_step=e.step,
+                            wall_s=round(e.wall_time - wall0, 1),
+                            value=e.value,
+                        )
+                    )
+    os.makedirs(os.path.dirname(p.out) or ".", exist_ok=True)
+    with open(p.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["run", "tag", "env_step", "wall_s", "value"])
+        w.writeheader()
+        w.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for run in sorted({r["run"] for r in rows}):
+        for tag, style in (("eval/success_once", "-o"), ("eval/success_at_end", "--x")):
+            pts = sorted((r["env_step"], r["value"]) for r in rows if r["run"] == run and r["tag"] == tag)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=f"{run.split('__')[1]} {tag[5:]}")
+    ax.set_xlabel("RL env steps (step 0 = after SFT)")
+    ax.set_ylabel("eval success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("flow_sde_ppo on PickCube-v1 (deterministic ODE evaluation)")
+    fig.tight_layout()
+    fig.savefig(p.out + ".png", dpi=100)
+    print(f"wrote {p.out}.csv ({len(rows)} rows) and {p.out}.png")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(PlotArgs))
