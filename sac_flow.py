@@ -462,6 +462,7 @@ def evaluate(policy, envs, n_episodes, device, seed):
 
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args):
+    t_launch = time.time()
     if args.env_id not in gym.registry:
         import mani_skill.envs  # noqa: F401  (registers ManiSkill ids)
     if args.env_id not in gym.registry:
@@ -606,19 +607,33 @@ def main(args: Args):
     envs = make_envs(args, num_envs, False, run_name, gpu)
     torch_envs = envs.__class__.__name__ == "ManiSkillVectorEnv"
     obs, _ = envs.reset(seed=args.seed)
-    ep_ret, recent, t0, step, pending, last_eval, last_print = (
-        np.zeros(num_envs),
-        [],
-        time.time(),
-        start_step,
-        0.0,
-        start_step,
-        0,
-    )
+    ep_ret, recent, t0, step, pending, last_print = np.zeros(num_envs), [], time.time(), start_step, 0.0, 0
     random_phase = ckpt is None and demo_t is None
     with open(csv_path, "a") as f:
         f.write("step,wall_s,return,success_once,success_at_end\n")
+
+    def eval_and_save(step):
+        ret, once, end = evaluate(policy, eval_envs, args.num_eval_episodes, device, args.seed + 10_000)
+        writer.add_scalar("eval/return", ret, step)
+        if maniskill:
+            (
+                writer.add_scalar("eval/success_once", once, step),
+                writer.add_scalar("eval/success_at_end", end, step),
+            )
+        with open(csv_path, "a") as f:  # wall time counts from the start of the process (incl. pretraining)
+            f.write(f"{step},{time.time() - t_launch:.1f},{ret:.4f},{once:.4f},{end:.4f}\n")
+        print(
+            f"eval step {step}: return {ret:.3f} success_once {once:.3f} success_at_end {end:.3f}", flush=True
+        )
+        if args.save_model:
+            save_checkpoint(ckpt_path, step, policy, qf, qf_target, log_alpha, opts, args)
+            print(f"checkpoint {ckpt_path}", flush=True)
+
+    next_eval = start_step
     while step < args.total_timesteps:
+        if step >= next_eval:
+            eval_and_save(step)
+            next_eval += args.eval_freq
         s_t = torch.as_tensor(np_(obs), dtype=torch.float32, device=device)
         if random_phase and step < args.learning_starts:
             a_t = torch.as_tensor(np.stack([act_space.sample() for _ in range(num_envs)]), device=device)
@@ -668,24 +683,7 @@ def main(args: Args):
                 line += f" | alpha {logs['alpha'].item():.3g} | log_pi {logs['log_pi'].item():.2f}"
             print(line, flush=True)
 
-        if step - last_eval >= args.eval_freq or step >= args.total_timesteps:
-            last_eval = step
-            ret, once, end = evaluate(policy, eval_envs, args.num_eval_episodes, device, args.seed + 10_000)
-            writer.add_scalar("eval/return", ret, step)
-            if maniskill:
-                (
-                    writer.add_scalar("eval/success_once", once, step),
-                    writer.add_scalar("eval/success_at_end", end, step),
-                )
-            with open(csv_path, "a") as f:
-                f.write(f"{step},{time.time() - t0:.1f},{ret:.4f},{once:.4f},{end:.4f}\n")
-            print(
-                f"eval step {step}: return {ret:.3f} success_once {once:.3f} success_at_end {end:.3f}",
-                flush=True,
-            )
-            if args.save_model:
-                save_checkpoint(ckpt_path, step, policy, qf, qf_target, log_alpha, opts, args)
-                print(f"checkpoint {ckpt_path}", flush=True)
+    eval_and_save(step)
     envs.close(), eval_envs.close(), writer.close()
 
 
