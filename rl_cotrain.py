@@ -9,8 +9,10 @@ Stage-I ratio alpha and any beta schedule were not readable in the indexed mater
 
 There is no real robot: "real" is the nominal ManiSkill task with shifted dynamics (--real-shift, e.g.
 controller gain 0.6, one step of action delay, lower cube friction), from which only --real-demos
-demonstrations are used and in which no RL happens. "Sim" is the nominal task (motion-planner demos,
-unlimited interaction).
+demonstrations are used and in which no RL happens. "Sim" is the nominal task (motion-planner demos from
+make_demos.sh, unlimited interaction). Real demos come from a short closed-loop scripted expert
+(scripted_pick_expert) run in the shifted env: it works under the shift, and, like real teleoperation vs sim
+planning, its style differs from the sim demos. Only PickCube-v1 has such an expert here.
 
 Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
@@ -237,12 +239,61 @@ def make_env(env_id: str, shift: dict, max_episode_steps: int, evaluation: bool)
     return thunk
 
 
+class GPUShiftVecEnv:
+    """physx_cuda path (not run here: no GPU): num_envs scenes in one process (ManiSkillVectorEnv), the same
+    action shifts on the batch, outputs in gymnasium's SAME_STEP format so the rest of the file is unchanged.
+    Mass / friction shifts are physx_cpu only; the delay queue is reset only on full resets."""
+
+    def __init__(self, args: Args, shift: dict, evaluation: bool):
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+        env = gym.make(args.env_id, num_envs=args.num_envs, obs_mode="state", sim_backend="physx_cuda",
+                       control_mode="pd_ee_delta_pos", reward_mode="normalized_dense",
+                       max_episode_steps=args.max_episode_steps)  # fmt: skip
+        self.env = ManiSkillVectorEnv(env, args.num_envs, ignore_terminations=evaluation, record_metrics=True)
+        self.num_envs = args.num_envs
+        self.single_observation_space = self.env.single_observation_space
+        self.single_action_space = self.env.single_action_space
+        self.set_shift(shift)
+
+    def call(self, name, *args):
+        return getattr(self, name)(*args)
+
+    def set_shift(self, shift: dict):
+        if shift["cube_mass"] != 1.0 or shift["cube_friction"] != 1.0:
+            raise SystemExit("error: cube_mass / cube_friction shifts are physx_cpu only: run with --no-cuda")
+        self.shift = shift
+
+    def reset(self, seed=None):
+        obs, info = self.env.reset(seed=seed)
+        a0 = torch.zeros(self.num_envs, self.single_action_space.shape[0], device=obs.device)
+        self.queue = deque([a0] * self.shift["action_delay"])
+        return obs.cpu().numpy(), info
+
+    def step(self, action):
+        self.queue.append(torch.as_tensor(action, device=self.env.device))
+        a = self.queue.popleft() * self.shift["action_scale"]
+        a = (a + self.shift["action_noise"] * torch.randn_like(a)).clamp(-1, 1)
+        obs, r, term, trunc, info = self.env.step(a)
+        info = {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in info.items()}
+        if "final_info" in info:
+            fi = info["final_info"]
+            info["final_info"] = {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in fi.items()}
+            info["final_info"]["episode"] = {k: v.cpu().numpy() for k, v in fi["episode"].items()}
+            info["final_obs"], info["_final_obs"] = (
+                info.pop("final_observation").cpu().numpy(),
+                info["_final_info"],
+            )
+        obs, r, term, trunc = (x.cpu().numpy() for x in (obs, r, term, trunc))
+        return obs, r, term, trunc, info
+
+    def close(self):
+        self.env.close()
+
+
 def make_vec_env(args: Args, shift: dict, evaluation: bool):
-    if args.cuda and torch.cuda.is_available():  # GPU: all envs in one physx_cuda process
-        raise SystemExit(
-            "error: the physx_cuda path of rl_cotrain.py needs a batched ShiftWrapper, not written yet: "
-            "run with --no-cuda"
-        )
+    if args.cuda and torch.cuda.is_available():
+        return GPUShiftVecEnv(args, shift, evaluation)
     thunks = [make_env(args.env_id, shift, args.max_episode_steps, evaluation) for _ in range(args.num_envs)]
     if args.num_envs == 1:  # no worker process to start
         return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

@@ -1,6 +1,7 @@
 """rl_cotrain.py: RL-Co loss gradient, flow-matching SFT loss, the shifted "real" env, CLI smoke runs."""
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,28 +183,35 @@ def sim_demos(tmp_path_factory) -> Path:
     return path
 
 
-def test_smoke_all_modes_then_evaluate_and_resume(sim_demos):
-    def run(*args):
-        return run_script("rl_cotrain.py", *SMOKE, *args, timeout=400)
+def test_smoke_all_modes_then_resume_and_evaluate(sim_demos):
+    # in-process (no interpreter start-up): train 2 Stage-II iterations, then resume to 3 from the checkpoint
+    smoke = dict(num_envs=1, max_episode_steps=50, num_eval_episodes=1, real_demos=2, sft_steps=20,
+                 num_steps=16, critic_warmup_iters=1, update_epochs=1, eval_shift="", cuda=False,
+                 sim_demo_path=str(sim_demos), exp_name="test_rl_cotrain")  # fmt: skip
 
-    with ThreadPoolExecutor(4) as pool:  # the runs mostly wait on simulator start-up
-        results = dict(
-            zip(
-                rc.MODES,
-                pool.map(lambda m: run("--mode", m, "--sim-demo-path", str(sim_demos)), rc.MODES),
-                strict=True,
-            )
+    def latest_ckpt():
+        return str(
+            max(Path("runs").glob("PickCube-v1__test_rl_cotrain__*/final_ckpt.pt"), key=os.path.getmtime)
         )
-        for mode, result in results.items():
-            assert result.returncode == 0, (mode, result.stderr[-2000:])
-            assert "eval step=0 sim=" in result.stdout
-            assert ("iter=2/2" in result.stdout) == mode.startswith("rl"), (mode, result.stdout[-1000:])
-        ckpt = _ckpt(results["rl-co"].stdout)
-        resume, evaluated = pool.map(
-            lambda a: run("--checkpoint", ckpt, *a), [["--total-timesteps", "48"], ["--evaluate"]]
-        )
-    assert resume.returncode == 0, resume.stderr[-2000:]
-    assert "iter=3/3" in resume.stdout and "stage I" not in resume.stdout
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    out = json.loads(evaluated.stdout.strip().splitlines()[-1])
-    assert out["global_step"] == 32 and 0.0 <= out["real"]["success_once"] <= 1.0 and "sim" in out
+
+    rc.main(rc.Args(total_timesteps=32, **smoke))
+    first = latest_ckpt()
+    rc.main(rc.Args(total_timesteps=48, checkpoint=first, **smoke))
+    resumed = latest_ckpt()
+    assert resumed != first and torch.load(resumed, weights_only=False)["global_step"] == 48
+    jobs = {mode: ["--mode", mode] for mode in rc.MODES}
+    jobs["evaluate"] = ["--checkpoint", resumed, "--evaluate"]
+
+    def run(args):
+        return run_script("rl_cotrain.py", *SMOKE, "--sim-demo-path", str(sim_demos), *args, timeout=400)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:  # the runs mostly wait for the loaded CPUs
+        results = dict(zip(jobs, pool.map(run, jobs.values()), strict=True))
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+    for mode in rc.MODES:
+        out = results[mode].stdout
+        assert "eval step=0 sim=" in out and Path(_ckpt(out)).exists()
+        assert ("iter=2/2" in out) == mode.startswith("rl"), (mode, out[-1000:])
+    out = json.loads(results["evaluate"].stdout.strip().splitlines()[-1])
+    assert out["global_step"] == 48 and 0.0 <= out["real"]["success_once"] <= 1.0 and "sim" in out

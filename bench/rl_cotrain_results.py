@@ -1,0 +1,83 @@
+"""Collects rl_cotrain.py result logs into results/rl_cotrain/{runs.csv,summary.csv,success.png}.
+
+usage: python bench/rl_cotrain_results.py LOG_DIR
+LOG_DIR holds {mode}_s{seed}.log, the stdout of `python rl_cotrain.py --mode MODE --seed SEED ...` followed
+by a line "DONE rc=0 ..."; the last "eval step=..." line of each log is its result. rl-co and rl-sim-only
+resume Stage II from the sft-cotrain checkpoint of the same seed (their shared Stage I).
+"""
+
+import csv
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+EVAL = re.compile(r"^eval step=(\d+) (.*)$")
+DOMAINS = ("sim", "real", "eval_shift")
+METHODS = ("real-only", "sft-cotrain", "rl-co", "rl-sim-only")
+
+
+def evals(path: Path):
+    out = []
+    for line in path.read_text().splitlines():
+        m = EVAL.match(line)
+        if m:
+            out.append((int(m[1]), {k: float(v) for k, v in (kv.split("=") for kv in m[2].split())}))
+    return out
+
+
+def main(log_dir: Path, out_dir=Path("results/rl_cotrain")):
+    rows = []
+    for log in sorted(log_dir.glob("*_s*.log")):
+        mode, seed = log.stem.rsplit("_s", 1)
+        ev = evals(log)
+        done = "DONE rc=0" in log.read_text()
+        if not ev or not done:
+            print(f"skipping unfinished {log.name}")
+            continue
+        step, final = ev[-1]
+        rows.append({"method": mode, "seed": int(seed), "rl_steps": step, **final})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["method", "seed", "rl_steps", *DOMAINS])
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["seed"])))
+    summary = []
+    for m in METHODS:
+        rs = [r for r in rows if r["method"] == m]
+        if rs:
+            entry = {"method": m, "seeds": len(rs)}
+            for d in DOMAINS:
+                v = np.array([r[d] for r in rs])
+                entry[f"{d}_mean"], entry[f"{d}_std"] = round(v.mean(), 3), round(v.std(), 3)
+            summary.append(entry)
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    for s in summary:
+        print(s)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(summary))
+    for i, d in enumerate(DOMAINS):
+        ax.bar(x + (i - 1) * 0.27, [s[f"{d}_mean"] for s in summary], 0.27,
+               yerr=[s[f"{d}_std"] for s in summary], label=d, capsize=2)  # fmt: skip
+    ax.set_xticks(x, [f"{s['method']}\n(n={s['seeds']})" for s in summary])
+    ax.set_ylabel("success rate (deterministic policy)")
+    ax.set_ylim(0, 1)
+    ax.set_title("PickCube-v1: sim / shifted 'real' / unseen shift success, mean ± std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "success.png", dpi=110)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        raise SystemExit("usage: python bench/rl_cotrain_results.py LOG_DIR")
+    main(Path(sys.argv[1]))
