@@ -124,9 +124,10 @@ class Args:
     hidden_dim: int = 256
     """width of the 3-layer velocity and critic MLPs"""
     sigma_min: float = 0.10
-    """lower bound of the exploration noise std"""
+    """lower bound of the exploration noise std (official MuJoCo value; keep it below the demos' action
+    scale: PickCube motion-planned demos move xyz by ~0.05, use 0.02 there)"""
     sigma_max: float = 0.24
-    """initial upper bound of the exploration noise std"""
+    """initial upper bound of the exploration noise std (PickCube: 0.05)"""
     sigma_max_decay_ratio: float = 0.7
     """sigma_max anneals to sigma_min + ratio (sigma_max - sigma_min)"""
     sigma_max_hold_ratio: float = 0.35
@@ -656,6 +657,11 @@ def main(args: Args):
         fail(f"unknown env id {args.env_id}: use a ManiSkill3 (PickCube-v1) or gymnasium (Hopper-v5) id")
     if args.denoising_steps < 1 or args.horizon < 1 or not 0 < args.sigma_min <= args.sigma_max:
         fail("need --denoising-steps >= 1, --horizon >= 1 and 0 < --sigma-min <= --sigma-max")
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // (args.batch_size * args.horizon)
+    if args.minibatch_size < 2:  # advantages are normalised per minibatch
+        fail("--num-envs * --num-steps must be at least 2 * --num-minibatches")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -783,9 +789,6 @@ def main(args: Args):
     eval_envs = VecEnv(
         args.num_eval_envs, **env_kw, video_dir=f"videos/{run_name}" if args.capture_video else None
     )
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // (args.batch_size * Ta)
     envs = VecEnv(args.num_envs, **env_kw)
     T, N, D = args.num_steps, args.num_envs, Ta * Da
     obs_buf = torch.zeros(T, N, obs_dim, device=device)
@@ -795,7 +798,11 @@ def main(args: Args):
     if ckpt is not None and "reward_scaler" in ckpt:
         scaler.mean, scaler.var, scaler.count = ckpt["reward_scaler"]
     next_obs = envs.reset(seed=args.seed)
-    train_eps, start_time, start_step, curve = [], time.time(), global_step, []
+    train_eps, start_time, start_step = [], time.time(), global_step
+    curve_csv = f"{ckpt_dir}/eval_curve.csv"
+    if not os.path.exists(curve_csv):
+        with open(curve_csv, "w") as f:
+            f.write("iteration,env_steps,wall_time_s,eval_return,eval_success_once,eval_success_at_end\n")
 
     def log_eval(it):
         m = evaluate(policy, eval_envs, obs_norm, K, args.eval_episodes, args.seed + 10_000 + it, device)
@@ -805,7 +812,16 @@ def main(args: Args):
             f"eval iter {it} step {global_step}: return {m['episode_return']:.2f} "
             f"success_once {m['success_once']:.2f} success_at_end {m['success_at_end']:.2f}"
         )
-        curve.append((it, global_step, time.time() - start_time, m["episode_return"], m["success_once"]))
+        row = (
+            it,
+            global_step,
+            time.time() - start_time,
+            m["episode_return"],
+            m["success_once"],
+            m["success_at_end"],
+        )
+        with open(curve_csv, "a") as f:
+            f.write(",".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in row) + "\n")
         if args.save_model:
             save_checkpoint(
                 f"{ckpt_dir}/ckpt.pt",
@@ -937,9 +953,6 @@ def main(args: Args):
         if (it + 1) % args.eval_freq == 0 or it + 1 == args.num_iterations:
             log_eval(it + 1)
 
-    with open(f"{ckpt_dir}/eval_curve.csv", "w") as f:
-        f.write("iteration,env_steps,wall_time_s,eval_return,eval_success_once\n")
-        f.writelines(",".join(str(round(x, 4)) for x in row) + "\n" for row in curve)
     envs.close()
     eval_envs.close()
     writer.close()

@@ -191,8 +191,10 @@ def test_smoke_mujoco_pretrain_finetune_evaluate_collect(tmp_path):
 
 
 def test_smoke_pickcube_pretrain_finetune_evaluate(pickcube_demos):
-    pick = "--env-id PickCube-v1 --num-eval-envs 1 --eval-episodes 1 --max-episode-steps 12".split()
-    ft = "--pretrain-steps 30 --total-timesteps 96 --num-steps 6 --critic-warmup-iters 0 --bc-coef 0.1"
+    pick = (
+        "--env-id PickCube-v1 --num-envs 1 --num-eval-envs 1 --eval-episodes 1 --max-episode-steps 12".split()
+    )
+    ft = "--pretrain-steps 30 --total-timesteps 64 --num-steps 8 --critic-warmup-iters 0 --bc-coef 0.1"
     r = run_script("reinflow.py", *pick, "--demo-path", str(pickcube_demos), *ft.split(), "--eval-freq", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pretraining on 10 demos" in r.stdout and "iter 2/2" in r.stdout
