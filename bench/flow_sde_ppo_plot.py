@@ -50,17 +50,24 @@ def main(p):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     for run in sorted({r["run"] for r in rows}):
-        for tag, style in (("eval/success_once", "-o"), ("eval/success_at_end", "--x")):
+        name = run.split("__")[1]
+        for a, tag, style in (
+            (ax, "eval/success_once", "-o"),
+            (ax, "eval/success_at_end", "--x"),
+            (ax2, "eval/return", "-o"),
+        ):
             pts = sorted((r["env_step"], r["value"]) for r in rows if r["run"] == run and r["tag"] == tag)
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=f"{run.split('__')[1]} {tag[5:]}")
-    ax.set_xlabel("RL env steps (step 0 = after SFT)")
+                a.plot(*zip(*pts, strict=True), style, label=f"{name} {tag[5:]}")
     ax.set_ylabel("eval success rate")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
-    ax.set_title("flow_sde_ppo on PickCube-v1 (deterministic ODE evaluation)")
+    ax2.set_ylabel("eval return (the run's reward mode)")
+    for a in (ax, ax2):
+        a.set_xlabel("RL env steps (step 0 = after SFT)")
+        a.legend(fontsize=7)
+    fig.suptitle("flow_sde_ppo on PickCube-v1 (deterministic ODE evaluation, 20 episodes)")
     fig.tight_layout()
     fig.savefig(p.out + ".png", dpi=100)
     print(f"wrote {p.out}.csv ({len(rows)} rows) and {p.out}.png")

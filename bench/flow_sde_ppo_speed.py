@@ -3,7 +3,8 @@
 With --sde-steps one the update recomputes one Gaussian transition per sample (one velocity forward);
 with --sde-steps all it recomputes K. This times `flow_sde_ppo.ppo_update` side by side on the same synthetic
 rollout batch (obs and chains sampled by the policy itself), for several K and network widths, and writes
-results/flow_sde_ppo/update_cost.csv (+ .png).
+results/flow_sde_ppo/update_cost.csv (+ .png). The whole update also holds the critic's forward/backward and
+the Adam steps, which do not shrink with K; the actor_logprob_* columns time only the part that does.
 
     OMP_NUM_THREADS=1 python bench/flow_sde_ppo_speed.py
 """
@@ -60,10 +61,19 @@ def time_update(K, hidden, sde_steps, repeats, obs_dim=42, act_dim=4):
         t0 = time.perf_counter()
         F.ppo_update(agent, opt, b, args, args.noise_level)
         times.append(time.perf_counter() - t0)
+    actor = []
+    for _ in range(repeats):  # the part that scales with the number of recomputed steps: log-prob fwd + bwd
+        t0 = time.perf_counter()
+        for _ in range(args.update_epochs):
+            for mb in torch.randperm(args.batch_size).split(args.minibatch_size):
+                logp = agent.log_prob(o[mb], b["chain"][mb], idx[mb], K, args.noise_level, "sde")
+                agent.zero_grad()
+                logp.sum().backward()
+        actor.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     with torch.no_grad():  # rollout-side cost of sampling the same batch (K forwards either way)
         agent.sample(o, K, ks[0], args.noise_level, "sde")
-    return float(np.median(times)), time.perf_counter() - t0
+    return float(np.median(times)), float(np.median(actor)), time.perf_counter() - t0
 
 
 def main(bench):
@@ -71,8 +81,8 @@ def main(bench):
     rows = []
     for K in bench.denoising_steps:
         for hidden in bench.hidden_dims:
-            one, sample_s = time_update(K, hidden, "one", bench.repeats)
-            full, _ = time_update(K, hidden, "all", bench.repeats)
+            one, actor_one, sample_s = time_update(K, hidden, "one", bench.repeats)
+            full, actor_all, _ = time_update(K, hidden, "all", bench.repeats)
             row = dict(
                 K=K,
                 hidden_dim=hidden,
@@ -80,6 +90,9 @@ def main(bench):
                 update_s_all=full,
                 ratio_one_over_all=one / full,
                 inverse_K=1 / K,
+                actor_logprob_s_one=actor_one,
+                actor_logprob_s_all=actor_all,
+                actor_ratio=actor_one / actor_all,
                 sample_batch_s=sample_s,
             )
             rows.append(row)
