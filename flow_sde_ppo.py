@@ -6,8 +6,9 @@ from Wang & Yu 2025 (Coefficients-Preserving Sampling). Reference code: RLinf (o
 noise_method="flow_sde" / "flow_cps") and Flow-GRPO (sd3_sde_with_logprob.py).
 
 Policy. A velocity field v_θ(x_t, t, o) over an action chunk x ∈ R^{H×A}; t = 1 is noise, t = 0 is data:
-    x_t = (1 − t)·x_0 + t·x_1,   x_0 ~ demos,  x_1 ~ N(0, I),   SFT loss ‖v_θ(x_t, t, o) − (x_1 − x_0)‖².
-K denoising steps on the grid t_k = 1 − k/K (k = 0..K), Δ = t_k − t_{k+1} = 1/K. The first C of H actions
+    x_t = (1 − t)·a + t·ε,   a ~ demo chunks,  ε ~ N(0, I),   SFT loss ‖v_θ(x_t, t, o) − (ε − a)‖².
+K denoising steps on the grid t_k = 1 − k/K (k = 0..K), Δ = t_k − t_{k+1} = 1/K; below, x_k is the k-th state
+of the chain (at time t_k): x_0 ~ N(0, I) is noise and x_K the action chunk. The first C of H actions
 are executed in the env (one env step of the outer MDP = one chunk of C actions).
 
 ODE → SDE. The ODE dx = v dt has the same marginals p_t as the SDE (reverse time, dt < 0)
@@ -18,8 +19,8 @@ with dt = −Δ gives the Gaussian step
     x_{t−Δ} = x_t·(1 − σ_t²Δ/(2t)) − v·Δ·(1 + σ_t²(1 − t)/(2t)) + σ_t·√Δ·ε,   ε ~ N(0, I),
     σ_t = a·√(t / (1 − t))  (at t = 1 the denominator is 1 − t_1),  a = --noise-level.
 a = 0 gives the deterministic Euler step x − Δ·v (the ODE), used for evaluation.
-CPS (--sampler cps): with x̂_0 = x − t·v, x̂_1 = x + (1 − t)·v,
-    μ = x̂_0·(1 − t + Δ) + x̂_1·(t − Δ)·cos(πa/2),   std = (t − Δ)·sin(πa/2).
+CPS (--sampler cps): with the predicted data â = x − t·v and noise ε̂ = x + (1 − t)·v,
+    μ = â·(1 − t + Δ) + ε̂·(t − Δ)·cos(πa/2),   std = (t − Δ)·sin(πa/2).
 
 Two-layer MDP (RLinf). Each chunk step draws one denoising index k* ~ U{0..K−1} (U{0..K−2} with
 --ignore-last or CPS, whose last step has std 0), shared by the env batch. Step k* is the SDE step, all
@@ -189,8 +190,8 @@ def denoise_step(x, v, t, dt, sigma, a: float, sampler: str):
         mu = x * (1 - sigma**2 * dt / (2 * t)) - v * dt * (1 + sigma**2 * (1 - t) / (2 * t))
         return mu, (sigma * torch.sqrt(dt)).expand_as(x)
     if sampler == "cps":
-        x0_hat, x1_hat, s = x - t * v, x + (1 - t) * v, t - dt
-        mu = x0_hat * (1 - s) + x1_hat * s * math.cos(math.pi * a / 2)
+        a_hat, eps_hat, s = x - t * v, x + (1 - t) * v, t - dt
+        mu = a_hat * (1 - s) + eps_hat * s * math.cos(math.pi * a / 2)
         return mu, (s * math.sin(math.pi * a / 2)).expand_as(x)
     raise ValueError(sampler)
 
@@ -309,11 +310,11 @@ def stochastic_steps(K, sde_steps, ignore_last, sampler, rng):
     return list(range(last)) if sde_steps == "all" else [int(rng.integers(last))]
 
 
-def sft_loss(agent, o, x0):
-    """Conditional flow matching: ‖v_θ((1−t)x_0 + t·x_1, t, o) − (x_1 − x_0)‖², t ~ U(0, 1)."""
-    t = torch.rand(x0.shape[0], 1, 1, device=x0.device)
-    x1 = torch.randn_like(x0)
-    return ((agent.v((1 - t) * x0 + t * x1, t[:, 0, 0], o) - (x1 - x0)) ** 2).mean()
+def sft_loss(agent, o, chunk):
+    """Conditional flow matching: ‖v_θ((1−t)·a + t·ε, t, o) − (ε − a)‖², t ~ U(0, 1)."""
+    t = torch.rand(chunk.shape[0], 1, 1, device=chunk.device)
+    eps = torch.randn_like(chunk)
+    return ((agent.v((1 - t) * chunk + t * eps, t[:, 0, 0], o) - (eps - chunk)) ** 2).mean()
 
 
 def ppo_update(agent, optimizer, b, args, a, update_policy=True):
