@@ -154,8 +154,9 @@ class Args:
     """epochs per PPO iteration"""
     clip_coef: float = 0.01
     """PPO ratio clip"""
-    logprob_clip: float = 1.0
-    """normalised chain log-probs are clipped to [-c, c] against collapse (official logprob_min/max)"""
+    logprob_clip: float | None = None
+    """clip normalised chain log-probs to [-c, c] against collapse (official: 1.0 with sigma in [0.1, 0.24]);
+    with a small sigma every log-prob exceeds 1 and the clip zeroes the policy gradient, so None = off"""
     ent_coef: float = 0.03
     """entropy bonus coefficient"""
     vf_coef: float = 0.5
@@ -504,7 +505,12 @@ def shortcut_loss(v, s, a, fraction=0.25, log2_max_steps=7):
 
 def ppo_policy_loss(new_logp, old_logp, adv, clip_coef, logprob_clip):
     """Clipped surrogate on normalised chain log-probs; returns loss, ratio, approx KL, clip fraction."""
-    logratio = new_logp.clamp(-logprob_clip, logprob_clip) - old_logp.clamp(-logprob_clip, logprob_clip)
+    if logprob_clip is not None:
+        new_logp, old_logp = (
+            new_logp.clamp(-logprob_clip, logprob_clip),
+            old_logp.clamp(-logprob_clip, logprob_clip),
+        )
+    logratio = new_logp - old_logp
     ratio = logratio.exp()
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
     with torch.no_grad():
