@@ -28,7 +28,12 @@ PPO on chunk steps (one decision = one chunk, reward R = Σ of the C executed re
     L_V = max(Huber(V - R̂), Huber(V_old + clip(V - V_old, ±0.2) - R̂))
     L = L_π + c_v L_V - c_H · H[σ],  H = mean_k ½ log(2πe σ_k²)
 
-SFT (flow matching, before RL): x_t = t·ε + (1 - t)·a, target v = ε - a, loss ||v_θ(x_t, t, o) - v||².
+SFT (flow matching, before RL): x_t = t·ε + (1 - t)·a, target v = ε - a, loss ||v_θ(x_t, t, o) - v||²,
+t ~ U(0, 1), actions min-max scaled to [-1, 1] by the demos' range (kept in the checkpoint).
+
+Defaults: H = 8, C = 5, K = 4, σ ∈ [0.08, 0.16], token ratios, sparse ManiSkill reward, 100-step episodes,
+2 CPU envs, 100 chunk decisions per env per update, 4 epochs x 4 minibatches, lr 3e-5 (critic 3e-4),
+2 critic-only warm-up updates, γ = 0.99 and λ = 0.95 per chunk step. Evaluation runs the noiseless ODE.
 """
 
 import json
@@ -634,23 +639,26 @@ def main(args: Args):
     ckpt_path = run_dir / "flow_noise_ppo.pt"
     video_dir = str(run_dir / "videos") if args.capture_video else None
 
-    envs = VecEnv(args, args.num_envs, device)
     eval_envs = VecEnv(args, args.num_eval_envs, device, video_dir)
+    envs = None if args.evaluate else VecEnv(args, args.num_envs, device)
     N, C, K, H = args.num_envs, args.num_action_chunks, args.denoising_steps, args.action_horizon
-    A = envs.act_dim
-    demos = load_demos(args.demo_path, args, envs.obs_dim, A) if args.demo_path else None
+    D, A = eval_envs.obs_dim, eval_envs.act_dim
+    demos = load_demos(args.demo_path, args, D, A) if args.demo_path else None
 
     policy = FlowNoisePolicy(
-        envs.obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.backbone, args.backbone_path,
+        D, A, H, K, args.sigma_min, args.sigma_max, args.backbone, args.backbone_path,
         ckpt["backbone_config"] if ckpt else None,
     ).to(device)  # fmt: skip
-    critic = make_critic(envs.obs_dim).to(device)
+    critic = make_critic(D).to(device)
     optimizer = torch.optim.Adam(
         [{"params": policy.parameters(), "lr": args.learning_rate},
          {"params": critic.parameters(), "lr": args.critic_learning_rate}], eps=1e-5,
     )  # fmt: skip
     global_step, start_iteration = 0, 1
-    policy.act_low.copy_(envs.low), policy.act_high.copy_(envs.high)  # SFT narrows them to the demos' range
+    (
+        policy.act_low.copy_(eval_envs.low),
+        policy.act_high.copy_(eval_envs.high),
+    )  # SFT narrows them to the demos' range
     if ckpt:
         try:
             policy.load_state_dict(ckpt["policy"])
@@ -666,7 +674,7 @@ def main(args: Args):
     if args.evaluate:
         stats = evaluate(policy, eval_envs, args.eval_episodes, C, args.seed + 10_000)
         print(" ".join(f"eval/{k}={v:.3f}" for k, v in stats.items()) + f" episodes={args.eval_episodes}")
-        envs.close(), eval_envs.close()
+        eval_envs.close()
         return stats
 
     from torch.utils.tensorboard import SummaryWriter
@@ -715,7 +723,7 @@ def main(args: Args):
     batch_size = T * N
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // (batch_size * C)
-    obs_buf = torch.zeros(T, N, envs.obs_dim, device=device)
+    obs_buf = torch.zeros(T, N, D, device=device)
     chain_buf = torch.zeros(T, N, K + 1, H, A, device=device)
     logp_buf = torch.zeros((T, N, H, A) if args.logprob_type == "token" else (T, N), device=device)
     rew_buf, done_buf, val_buf = (torch.zeros(T, N, device=device) for _ in range(3))

@@ -144,8 +144,8 @@ def test_pickcube_smoke_then_evaluate_checkpoint(pickcube_demos):
     tiny += ["--num-envs", "1", "--num-eval-envs", "1"]  # one env runs in-process: no spawn start-up
     result = run_script(
         "flow_noise_ppo.py", "--env-id", "PickCube-v1", "--demo-path", str(pickcube_demos),
-        "--num-demos", "5", "--sft-steps", "20", "--total-timesteps", "20", "--eval-episodes", "2",
-        "--max-episode-steps", "20", "--save-model", "--exp-name", "test_flow_noise_ppo", *tiny,
+        "--num-demos", "5", "--sft-steps", "10", "--total-timesteps", "20", "--eval-episodes", "1",
+        "--max-episode-steps", "10", "--save-model", "--exp-name", "test_flow_noise_ppo", *tiny,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step=0 (after SFT)" in result.stdout and "iter=1/1" in result.stdout, result.stdout[-2000:]
