@@ -310,9 +310,10 @@ class TransformerExpert(nn.Module):
         elif backbone_path is not None:
             self.lm = AutoModel.from_pretrained(backbone_path, local_files_only=True)
         else:
-            self.lm = AutoModel.from_config(
-                GPT2Config(vocab_size=1, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+            tiny = GPT2Config(
+                vocab_size=1, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
             )
+            self.lm = AutoModel.from_config(tiny)
         for m in self.lm.modules():  # dropout would make log-probs of the same chain differ between calls
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
