@@ -33,12 +33,12 @@ def main(p: Plot):
     with open(f"{p.out}.csv", "w", newline="") as f:
         csv.writer(f).writerows([("run", "tag", "env_step", "value"), *rows])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in p.runs:
+    for i, run in enumerate(p.runs):
         name = Path(run).name
         for tag, style in (("eval/success_once", "o-"), ("charts/success_once", ".:")):
             pts = sorted((s, v) for r, t, s, v in rows if r == name and t == tag)
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=f"{name.split('__')[1]} {tag}")
+                ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=f"{name.split('__')[1]} {tag}")
     ax.set_xlabel("env steps of PPO (after SFT at 0)")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.02, 1.02)
