@@ -70,6 +70,10 @@ class Args:
     """path of a ckpt.pt to resume training from (or to evaluate with --evaluate)"""
     evaluate: bool = False
     """only evaluate --checkpoint, no training"""
+    save_demos: int = 0
+    """with --checkpoint: write this many episodes of the noise-free policy to --demo-out"""
+    demo_out: str = "demos/sac_flow_demos.npz"
+    """npz of obs (N, obs_dim), actions (N, act_dim), episode_ends (E,), returns (E,): reinflow.py reads it"""
 
     # Environment
     env_id: str = "PickCube-v1"
@@ -438,15 +442,20 @@ def load_checkpoint(path, args: Args):
 
 
 @torch.no_grad()
-def evaluate(policy, envs, n_episodes, device, seed):
-    """Runs n_episodes with the noise-free flow (x_{k+1} = μ_k); returns mean return, success_once/at_end."""
-    returns, once, at_end = [], [], []
+def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
+    """Runs n_episodes with the noise-free flow (x_{k+1} = μ_k); returns mean return, success_once/at_end.
+    If `episodes` is a list, each episode's (obs, actions, return) is appended to it."""
+    returns, once, at_end, trajs = [], [], [], []
     while len(returns) < n_episodes:
         obs, _ = envs.reset(seed=seed + len(returns))
         n = len(np_(obs))
         ret, done, s_once, s_end = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        steps = [([], []) for _ in range(n)]
         while not done.all():
             a, _ = policy(torch.as_tensor(np_(obs), dtype=torch.float32, device=device), deterministic=True)
+            if episodes is not None:
+                for i in np.flatnonzero(~done):
+                    steps[i][0].append(np_(obs)[i]), steps[i][1].append(np_(a)[i])
             obs, r, term, trunc, info = envs.step(
                 a if envs.__class__.__name__ == "ManiSkillVectorEnv" else np_(a)
             )
@@ -457,6 +466,9 @@ def evaluate(policy, envs, n_episodes, device, seed):
                 s_end = np.where(done, s_end, s)
             done |= np_(term).astype(bool) | np_(trunc).astype(bool)
         returns, once, at_end = returns + list(ret), once + list(s_once), at_end + list(s_end)
+        trajs += [(np.stack(o), np.stack(a), g) for (o, a), g in zip(steps, ret, strict=True) if o]
+    if episodes is not None:
+        episodes += trajs[:n_episodes]
     return np.mean(returns[:n_episodes]), np.mean(once[:n_episodes]), np.mean(at_end[:n_episodes])
 
 
@@ -536,6 +548,21 @@ def main(args: Args):
             f"eval {args.checkpoint} (step {start_step}): return {ret:.3f} "
             f"success_once {once:.3f} success_at_end {end:.3f}"
         )
+        return
+    if args.save_demos:
+        if ckpt is None:
+            raise SystemExit("error: --save-demos needs --checkpoint PATH (a trained policy to roll out)")
+        eps = []
+        evaluate(policy, eval_envs, args.save_demos, device, args.seed + 20_000, episodes=eps)
+        os.makedirs(os.path.dirname(os.path.abspath(args.demo_out)), exist_ok=True)
+        np.savez_compressed(
+            args.demo_out,
+            obs=np.concatenate([o for o, _, _ in eps]).astype(np.float32),
+            actions=np.concatenate([a for _, a, _ in eps]).astype(np.float32),
+            episode_ends=np.cumsum([len(o) for o, _, _ in eps]),
+            returns=np.array([g for _, _, g in eps]),
+        )
+        print(f"wrote {len(eps)} episodes, mean return {np.mean([g for *_, g in eps]):.1f}: {args.demo_out}")
         return
 
     from torch.utils.tensorboard import SummaryWriter

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from conftest import run_script
@@ -133,6 +134,16 @@ def test_smoke_pendulum_train_then_evaluate(velocity, capsys):
     args = tiny_args(env_id="Pendulum-v1", velocity=velocity, checkpoint=str(ROOT / ckpt), evaluate=True)
     sac_flow.main(dataclasses.replace(args, max_episode_steps=50))
     assert re.search(r"eval .* \(step 300\): return -?\d", capsys.readouterr().out)
+
+
+def test_save_demos_writes_the_npz_reinflow_reads(tmp_path):
+    out = tmp_path / "demos.npz"
+    args = tiny_args(env_id="Pendulum-v1", checkpoint=str(ROOT / train_pendulum("g")), max_episode_steps=50)
+    sac_flow.main(dataclasses.replace(args, save_demos=3, demo_out=str(out)))
+    d = np.load(out)
+    assert d["obs"].shape == (150, 3) and d["actions"].shape == (150, 1)
+    assert list(d["episode_ends"]) == [50, 100, 150] and d["returns"].shape == (3,)
+    assert np.abs(d["actions"]).max() <= 2.0  # Pendulum's bounds
 
 
 def test_smoke_pickcube_offline_to_online_then_evaluate(pickcube_demos):
