@@ -67,7 +67,7 @@ class Args:
     save_model: bool = True
     """if toggled, write runs/{run_name}/ckpt.pt at every evaluation and at the end"""
     checkpoint: str | None = None
-    """path of a ckpt.pt to resume training from (or to evaluate with --evaluate)"""
+    """path of a ckpt.pt to resume training from (with the buffer.pt beside it) or to evaluate (--evaluate)"""
     evaluate: bool = False
     """only evaluate --checkpoint, no training"""
     save_demos: int = 0
@@ -368,6 +368,14 @@ class ReplayBuffer:
         i = torch.randint(0, self.size, (n,), device=self.device)
         return self.s[i], self.a[i], self.r[i], self.s2[i], self.d[i]
 
+    def state_dict(self):
+        """The stored transitions, oldest first (pos is the oldest once the buffer has wrapped)."""
+        i = (torch.arange(self.size) + self.pos) % max(self.size, 1)
+        return {k: getattr(self, k)[i.to(self.device)].cpu() for k in ("s", "a", "r", "s2", "d")}
+
+    def load_state_dict(self, d):
+        self.add(*(d[k][-self.capacity :] for k in ("s", "a", "r", "s2", "d")))
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Demos, checkpoints, evaluation
@@ -410,6 +418,11 @@ def load_demos(path: str, env_id: str, control_mode: str, obs_dim: int, act_dim:
     return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 
+def atomic_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken file
+
+
 def save_checkpoint(path, step, policy, qf, qf_target, log_alpha, opts, args):
     state = dict(
         step=step,
@@ -420,8 +433,7 @@ def save_checkpoint(path, step, policy, qf, qf_target, log_alpha, opts, args):
         log_alpha=log_alpha.detach().cpu(),
         opts={k: o.state_dict() for k, o in opts.items()},
     )
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken checkpoint
+    atomic_save(state, path)
 
 
 def load_checkpoint(path, args: Args):
@@ -578,10 +590,16 @@ def main(args: Args):
     ckpt_path, csv_path = f"runs/{run_name}/ckpt.pt", f"runs/{run_name}/eval.csv"
     n_demo = 0 if demos is None else len(demos["s"])
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps + n_demo), obs_dim, act_dim, device)
-    demo_t = None
-    if demos is not None:
-        rb.add(demos["s"], demos["a"], demos["r"], demos["s2"], demos["d"])
-        demo_t = {k: torch.as_tensor(v, device=device) for k, v in demos.items()}
+    demo_t = None if demos is None else {k: torch.as_tensor(v, device=device) for k, v in demos.items()}
+    old_buffer = os.path.join(os.path.dirname(args.checkpoint or ""), "buffer.pt")
+    if ckpt is not None and os.path.exists(old_buffer):  # the demos, if any, are in it already
+        rb.load_state_dict(torch.load(old_buffer))
+        print(f"resumed {rb.size} transitions from {old_buffer}", flush=True)
+    else:
+        if ckpt is not None:
+            print(f"no {old_buffer}: the replay buffer starts empty", flush=True)
+        if demos is not None:
+            rb.add(demos["s"], demos["a"], demos["r"], demos["s2"], demos["d"])
 
     def sac_update(s, a, r, s2, d, bc_batch=None):
         alpha = log_alpha.exp().detach()
@@ -654,6 +672,7 @@ def main(args: Args):
         )
         if args.save_model:
             save_checkpoint(ckpt_path, step, policy, qf, qf_target, log_alpha, opts, args)
+            atomic_save(rb.state_dict(), os.path.join(os.path.dirname(ckpt_path), "buffer.pt"))
             print(f"checkpoint {ckpt_path}", flush=True)
 
     next_eval = start_step

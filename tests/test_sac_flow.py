@@ -146,6 +146,24 @@ def test_save_demos_writes_the_npz_reinflow_reads(tmp_path):
     assert np.abs(d["actions"]).max() <= 2.0  # Pendulum's bounds
 
 
+def test_replay_buffer_round_trip_keeps_the_newest_transitions():
+    rb = sac_flow.ReplayBuffer(5, 1, 1, "cpu")
+    for i in range(7):  # wraps: holds 2..6
+        rb.add(np.full((1, 1), i), np.zeros((1, 1)), np.full(1, i), np.zeros((1, 1)), np.zeros(1))
+    assert rb.state_dict()["r"].tolist() == [2, 3, 4, 5, 6]
+    small = sac_flow.ReplayBuffer(3, 1, 1, "cpu")
+    small.load_state_dict(rb.state_dict())
+    assert small.size == 3 and sorted(small.r.tolist()) == [4, 5, 6]
+    assert small.s[:, 0].tolist() == small.r.tolist()  # rows stay whole
+
+
+def test_resume_reloads_the_replay_buffer(capsys):
+    args = tiny_args(env_id="Pendulum-v1", checkpoint=str(ROOT / train_pendulum("g")), max_episode_steps=50)
+    sac_flow.main(dataclasses.replace(args, total_timesteps=400, eval_freq=1000))
+    out = capsys.readouterr().out
+    assert "resumed 300 transitions" in out and "eval step 400" in out
+
+
 def test_smoke_pickcube_offline_to_online_then_evaluate(pickcube_demos):
     common = ["--env-id", "PickCube-v1", "--num-envs", "1", "--max-episode-steps", "20", *TINY]
     r = run_script(
