@@ -11,8 +11,9 @@ There is no real robot: "real" is the nominal ManiSkill task with shifted dynami
 controller gain 0.6, one step of action delay, lower cube friction), from which only --real-demos
 demonstrations are used and in which no RL happens. "Sim" is the nominal task (motion-planner demos from
 make_demos.sh, unlimited interaction). Real demos come from a short closed-loop scripted expert
-(scripted_pick_expert) run in the shifted env: it works under the shift, and, like real teleoperation vs sim
-planning, its style differs from the sim demos. Only PickCube-v1 has such an expert here.
+(scripted_pick_expert, scripted_push_expert) run in the shifted env: it works under the shift, and, like real
+teleoperation vs sim planning, its style differs from the sim demos. Only PickCube-v1 and PushCube-v1 have
+such an expert here.
 
 Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
@@ -79,7 +80,7 @@ class Args:
 
     # co-training arguments
     env_id: str = "PickCube-v1"
-    """the ManiSkill task id (PickCube-v1, PushCube-v1, StackCube-v1)"""
+    """the ManiSkill task id (PickCube-v1 or PushCube-v1: the tasks with a scripted real-domain expert)"""
     mode: str = "rl-co"
     """one of real-only, sft-cotrain, rl-co, rl-sim-only"""
     sim_demo_path: str = "demos/PickCube-v1/motionplanning/mp100.state.pd_ee_delta_pos.physx_cpu.h5"
@@ -318,6 +319,23 @@ def scripted_pick_expert(obs: np.ndarray) -> np.ndarray:
     return np.concatenate([delta, gripper], axis=1).astype(np.float32)
 
 
+def scripted_push_expert(obs: np.ndarray) -> np.ndarray:
+    """Closed-loop PushCube expert on pd_ee_delta_pos, from the state observation (batch, 35):
+    tcp position [18:21], goal [25:28], cube position [28:31]; the goal is +x of the cube.
+    Hover behind the cube (-x), descend to the table, push along +x until the cube centre reaches the goal."""
+    tcp, goal, cube = obs[:, 18:21], obs[:, 25:28], obs[:, 28:31]
+    behind = cube * [1, 1, 0] + [-0.05, 0.0, 0.02]
+    aligned = (np.abs(tcp[:, 1] - cube[:, 1]) < 0.015) & (tcp[:, 0] < cube[:, 0] - 0.02) & (tcp[:, 2] < 0.035)
+    near = np.linalg.norm(tcp[:, :2] - behind[:, :2], axis=1) < 0.015
+    push = np.stack([goal[:, 0] - 0.03, cube[:, 1], np.full(len(obs), 0.02)], 1)
+    target = np.where(aligned[:, None], push, np.where(near[:, None], behind, behind + [0, 0, 0.06]))
+    delta = np.clip((target - tcp) / 0.1, -1.0, 1.0)  # gain 1: a move of 0.1 m is action 1 (no overshoot)
+    return np.concatenate([delta, -np.ones((len(obs), 1))], 1).astype(np.float32)  # gripper closed
+
+
+EXPERTS = {"PickCube-v1": scripted_pick_expert, "PushCube-v1": scripted_push_expert}
+
+
 def load_sim_demos(path: str, obs_dim: int, act_dim: int):
     import h5py
 
@@ -511,8 +529,10 @@ def main(args: Args):
 
     if args.env_id not in gym.registry:
         raise SystemExit(f"error: unknown env id {args.env_id}: use a ManiSkill3 id such as PickCube-v1")
-    if args.env_id != "PickCube-v1" and not args.evaluate:
-        raise SystemExit(f"error: the scripted real-domain expert only solves PickCube-v1, not {args.env_id}")
+    if args.env_id not in EXPERTS and not args.evaluate:
+        raise SystemExit(
+            f"error: no scripted real-domain expert for {args.env_id}: use one of {', '.join(EXPERTS)}"
+        )
     sft_only = args.mode in ("real-only", "sft-cotrain")
     sim_ratio = 0.0 if args.mode == "real-only" else args.sim_ratio
     beta = args.aux_coef if args.mode == "rl-co" else 0.0
@@ -586,7 +606,7 @@ def main(args: Args):
         )
     eval_envs.call("set_shift", real_shift)
     real_o, real_a = collect_real_demos(
-        eval_envs, args.real_demos, 10_000 + 1000 * args.seed, args.max_episode_steps
+        eval_envs, args.real_demos, 10_000 + 1000 * args.seed, args.max_episode_steps, EXPERTS[args.env_id]
     )
     real_o, real_a = torch.as_tensor(real_o, device=device), torch.as_tensor(real_a, device=device)
     print(

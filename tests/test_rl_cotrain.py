@@ -129,6 +129,35 @@ def test_shifted_env_differs_only_in_declared_parameters():
         shifted.close()
 
 
+def test_push_expert_solves_pushcube_in_every_domain_and_real_only_runs():
+    args = rc.Args(env_id="PushCube-v1", num_envs=1, max_episode_steps=50)
+    envs = rc.make_vec_env(args, dict(rc.NOMINAL_SHIFT), evaluation=True)
+    try:
+        for spec in ["", args.real_shift, args.eval_shift]:
+            envs.call("set_shift", rc.parse_shift(spec))
+            for seed in range(3):
+                o, _ = envs.reset(seed=[seed])
+                for _ in range(50):
+                    o, _, _, trunc, info = envs.step(rc.scripted_push_expert(o))
+                    if info["success"].any() or trunc.any():
+                        break
+                assert info["success"].all(), (spec, seed)
+    finally:
+        envs.close()
+    # end to end on PushCube: real demos from its expert, Stage I, evaluation (real-only needs no sim demos)
+    smoke = dict(num_envs=1, max_episode_steps=50, num_eval_episodes=1, real_demos=2, sft_steps=20)
+    rc.main(
+        rc.Args(
+            env_id="PushCube-v1",
+            mode="real-only",
+            eval_shift="",
+            cuda=False,
+            exp_name="test_rl_cotrain",
+            **smoke,
+        )
+    )
+
+
 def test_bad_demo_shapes_exit_with_one_line(tmp_path):
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as f:
@@ -147,7 +176,7 @@ def test_bad_demo_shapes_exit_with_one_line(tmp_path):
         ({"evaluate": True}, "--evaluate needs --checkpoint"),
         ({"checkpoint": "nope.pt"}, "checkpoint nope.pt not found"),
         ({"env_id": "NoSuchEnv-v9"}, "unknown env id"),
-        ({"env_id": "PushCube-v1"}, "only solves PickCube-v1"),
+        ({"env_id": "StackCube-v1"}, "no scripted real-domain expert for StackCube-v1"),
     ],
 )
 def test_bad_inputs_raise_one_line_error(kwargs, message):
