@@ -9,7 +9,10 @@ Policy. A velocity field v_θ(x_t, t, o) over an action chunk x ∈ R^{H×A}; t 
     x_t = (1 − t)·a + t·ε,   a ~ demo chunks,  ε ~ N(0, I),   SFT loss ‖v_θ(x_t, t, o) − (ε − a)‖².
 K denoising steps on the grid t_k = 1 − k/K (k = 0..K), Δ = t_k − t_{k+1} = 1/K; below, x_k is the k-th state
 of the chain (at time t_k): x_0 ~ N(0, I) is noise and x_K the action chunk. The first C of H actions
-are executed in the env (one env step of the outer MDP = one chunk of C actions).
+are executed in the env (one env step of the outer MDP = one chunk of C actions). Demo actions are min-max
+scaled to [-1, 1] by the demos' per-dimension range (kept in the checkpoint, mapped back before env.step).
+v_θ is an MLP over (o, x, t), or with --backbone transformer π0's layout: state tokens, then one token per
+action of the chunk (plus the time embedding), through a small Hugging Face model (or --backbone-path).
 
 ODE → SDE. The ODE dx = v dt has the same marginals p_t as the SDE (reverse time, dt < 0)
     dx = [v + σ_t²/(2t)·(x + (1 − t)·v)] dt + σ_t dw,
@@ -92,6 +95,10 @@ class Args:
     """C, how many of the H actions are executed per policy call"""
     hidden_dim: int = 256
     """width of the 3-layer MLPs (velocity net and critic)"""
+    backbone: Literal["mlp", "transformer"] = "mlp"
+    """velocity net: an MLP over (o, x, t), or a π0-style transformer over [state tokens ; action tokens]"""
+    backbone_path: str | None = None
+    """a local Hugging Face checkpoint for the transformer (from_pretrained, offline); default: tiny Gemma"""
 
     # SFT on demonstrations
     demo_path: str | None = None
@@ -255,23 +262,89 @@ def mlp(inp, hidden, out):
     )
 
 
-class Agent(nn.Module):
-    """Flow-matching action expert v_θ(x_t, t, o) over (H, A) chunks, and a critic V(o)."""
+def time_features(t, n=8):
+    """(B,) → (B, 2n + 1): [t, sin(πjt), cos(πjt)] for j = 1..n."""
+    angle = t[:, None] * math.pi * torch.arange(1, n + 1, device=t.device, dtype=t.dtype)
+    return torch.cat([t[:, None], angle.sin(), angle.cos()], -1)
 
-    def __init__(self, obs_dim, act_dim, horizon, hidden_dim):
+
+class MLPVelocity(nn.Module):
+    def __init__(self, obs_dim, H, A, hidden_dim):
+        super().__init__()
+        self.net = mlp(obs_dim + H * A + 17, hidden_dim, H * A)
+
+    def forward(self, x, t, o):
+        return self.net(torch.cat([o, x.flatten(1), time_features(t)], -1)).view_as(x)
+
+
+class TransformerVelocity(nn.Module):
+    """π0-style action expert: P state tokens (the prefix), then one token per action x_k[h] plus the time
+    embedding, through one Hugging Face model. Its causal mask keeps the prefix blind to the actions, as in π0
+    (there the prefix's keys/values are computed once per chunk; here K is small and it is recomputed)."""
+
+    P = 4
+
+    def __init__(self, obs_dim, A, path=None, config=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, GemmaConfig
+
+        if config is not None:  # from our checkpoint: the architecture here, the weights in its state dict
+            config = dict(config)
+            self.lm = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        elif path is not None:
+            self.lm = AutoModel.from_pretrained(path, local_files_only=True)
+        else:  # π0's action expert is a Gemma; this one is tiny enough for a CPU
+            self.lm = AutoModel.from_config(GemmaConfig(
+                vocab_size=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=32,
+                num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+            ))  # fmt: skip
+        d = self.lm.config.hidden_size
+        self.prefix = nn.Linear(obs_dim, self.P * d)
+        self.action_in = nn.Linear(A, d)
+        self.time_in = nn.Sequential(nn.Linear(17, d), nn.SiLU(), nn.Linear(d, d))
+        self.v_out = nn.Linear(d, A)
+
+    def train(self, mode=True):  # the backbone's dropout stays off: log π of a stored chain must not change
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def forward(self, x, t, o):
+        tokens = [
+            self.prefix(o).view(o.shape[0], self.P, -1),
+            self.action_in(x) + self.time_in(time_features(t))[:, None],
+        ]
+        h = self.lm(inputs_embeds=torch.cat(tokens, 1), use_cache=False).last_hidden_state
+        return self.v_out(h[:, self.P :])
+
+
+class Agent(nn.Module):
+    """Flow-matching action expert v_θ(x_t, t, o) over (H, A) chunks, a critic V(o), and the observation
+    statistics and action range the checkpoint must carry (o is normalised, x lives in [-1, 1])."""
+
+    def __init__(self, obs_dim, act_dim, horizon, hidden_dim, backbone="mlp", path=None, config=None):
         super().__init__()
         self.shape = (horizon, act_dim)
-        self.register_buffer("freqs", torch.arange(1, 9, dtype=torch.float32) * math.pi)
-        self.velocity = mlp(obs_dim + horizon * act_dim + 17, hidden_dim, horizon * act_dim)
+        for name, fill in (("obs_mean", 0), ("obs_std", 1), ("act_low", -1), ("act_high", 1)):
+            self.register_buffer(name, torch.full((act_dim if "act" in name else obs_dim,), float(fill)))
+        if backbone == "mlp":
+            self.velocity = MLPVelocity(obs_dim, horizon, act_dim, hidden_dim)
+        else:
+            self.velocity = TransformerVelocity(obs_dim, act_dim, path, config)
         self.critic = mlp(obs_dim, hidden_dim, 1)
 
     def v(self, x, t, o):
-        t = t.to(x.dtype).expand(x.shape[0])[:, None]
-        temb = torch.cat([t, torch.sin(t * self.freqs), torch.cos(t * self.freqs)], -1)
-        return self.velocity(torch.cat([o, x.flatten(1), temb], -1)).view_as(x)
+        return self.velocity(x, t.to(x.dtype).expand(x.shape[0]), o)
 
     def value(self, o):
         return self.critic(o).squeeze(-1)
+
+    def normalize(self, obs):
+        return ((obs - self.obs_mean) / self.obs_std).clamp(-10, 10)
+
+    def to_env(self, x):
+        """Chunk in [-1, 1] → [act_low, act_high]: the demos' action range after SFT, else the env bounds."""
+        return self.act_low + (x.clamp(-1, 1) + 1) / 2 * (self.act_high - self.act_low)
 
     @torch.no_grad()
     def sample(self, o, K, stochastic, a, sampler):
@@ -457,13 +530,8 @@ def new_episode_stats(n, device):
     }
 
 
-def to_env_action(x, low, high):
-    """Chunk in [-1, 1] → env action bounds."""
-    return low + (x.clamp(-1, 1) + 1) / 2 * (high - low)
-
-
 @torch.no_grad()
-def evaluate(agent, envs, norm, args, low, high, device):
+def evaluate(agent, envs, args, device):
     """Deterministic ODE sampling (no stochastic step); each env plays its first ceil(E/N) episodes, so
     short (often successful) episodes are not over-counted."""
     obs, _ = envs.reset(seed=args.seed + 10_000)
@@ -472,8 +540,8 @@ def evaluate(agent, envs, norm, args, low, high, device):
     m = -(-args.eval_episodes // n)
     ep, done_eps = new_episode_stats(n, device), [[] for _ in range(n)]
     while min(len(d) for d in done_eps) < m:
-        chain, _ = agent.sample(norm(obs), args.denoising_steps, [], 0.0, "ode")
-        acts = to_env_action(chain[:, -1, : args.num_action_chunks], low, high)
+        chain, _ = agent.sample(agent.normalize(obs), args.denoising_steps, [], 0.0, "ode")
+        acts = agent.to_env(chain[:, -1, : args.num_action_chunks])
         obs, _, _, _, _, finished = step_chunk(envs, acts, ep, device)
         for i, e in finished:
             done_eps[i].append(e)
@@ -482,8 +550,9 @@ def evaluate(agent, envs, norm, args, low, high, device):
 
 
 # ---------------------------------------------------------------- demos and checkpoints
-def load_demos(path, num_demos, obs_dim, act_dim, H, control_mode, low, high):
-    """ManiSkill h5 → (observations, normalised action chunks of length H padded with the last action)."""
+def load_demos(path, num_demos, obs_dim, act_dim, H, control_mode):
+    """ManiSkill h5 → (observations, action chunks of length H padded with the last action, in [-1, 1]
+    by the demos' own per-dimension range, and that range (low, high))."""
     import json
 
     import h5py
@@ -515,18 +584,20 @@ def load_demos(path, num_demos, obs_dim, act_dim, H, control_mode, low, high):
     if not keys:
         raise SystemExit(f"error: no traj_* groups in {path}")
     chunks = torch.as_tensor(np.concatenate(chunks))
-    low, high = low.cpu(), high.cpu()
-    return torch.as_tensor(np.concatenate(obs)), ((chunks - low) / (high - low) * 2 - 1).clamp(-1, 1)
+    # planned ee deltas are ~0.05 wide in the env's [-1, 1]: at that scale the K-step ODE can't resolve them
+    low = chunks.amin((0, 1))
+    high = torch.maximum(chunks.amax((0, 1)), low + 1e-3)
+    return torch.as_tensor(np.concatenate(obs)), (chunks - low) / (high - low) * 2 - 1, low, high
 
 
-def save_checkpoint(path, agent, optimizer, obs_mean, obs_std, args, global_step, iteration):
+def save_checkpoint(path, agent, optimizer, args, global_step, iteration):
+    """Model (with its observation statistics and action range), optimiser, args, step: written atomically."""
     tmp = path + ".tmp"
     state = dict(
         agent=agent.state_dict(),
         optimizer=optimizer.state_dict(),
-        obs_mean=obs_mean,
-        obs_std=obs_std,
         args=vars(args),
+        backbone_config=agent.velocity.lm.config.to_dict() if args.backbone == "transformer" else None,
         global_step=global_step,
         iteration=iteration,
     )
@@ -540,14 +611,14 @@ def load_checkpoint(path, obs_dim, act_dim, args):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         saved = ckpt["args"]
-        shapes = ckpt["agent"]["critic.0.weight"].shape[1], ckpt["agent"]["velocity.6.bias"].shape[0]
+        shapes = ckpt["agent"]["obs_mean"].shape[0], ckpt["agent"]["act_low"].shape[0]
     except Exception as e:
         raise SystemExit(f"error: {path} is not a flow_sde_ppo checkpoint ({type(e).__name__})") from None
-    want = (obs_dim, args.action_horizon * act_dim)
-    keys = ("action_horizon", "hidden_dim", "denoising_steps")
+    want = (obs_dim, act_dim)
+    keys = ("backbone", "action_horizon", "hidden_dim", "denoising_steps")
     if shapes != want or any(saved[k] != getattr(args, k) for k in keys):
         raise SystemExit(
-            f"error: checkpoint {path} was made for {saved['env_id']} with obs/chunk dims {shapes}, "
+            f"error: checkpoint {path} was made for {saved['env_id']} with obs/action dims {shapes}, "
             f"{', '.join(f'{k}={saved[k]}' for k in keys)}: pass the same --env-id and flags"
         )
     return ckpt
@@ -561,6 +632,10 @@ def main(args):
         raise SystemExit("error: --num-action-chunks must be <= --action-horizon")
     if args.evaluate and (args.checkpoint is None or args.eval_episodes < 1):
         raise SystemExit("error: --evaluate needs --checkpoint PATH and --eval-episodes >= 1")
+    if args.backbone_path is not None and not os.path.exists(os.path.join(args.backbone_path, "config.json")):
+        raise SystemExit(
+            f"error: --backbone-path {args.backbone_path} has no config.json: pass a save_pretrained dir"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     kind = env_kind(args.env_id)
     envs = make_vector_env(args, kind, args.num_eval_envs if args.evaluate else args.num_envs, device)
@@ -577,13 +652,16 @@ def main(args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    low, high = (torch.as_tensor(b, dtype=torch.float32, device=device) for b in (space.low, space.high))
     steps_per_iter = args.num_envs * args.num_steps * args.num_action_chunks
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = max(args.batch_size // args.num_minibatches, 1)
-    args.num_iterations = max(args.total_timesteps // steps_per_iter, 1)
+    args.num_iterations = args.total_timesteps // steps_per_iter  # 0: SFT (and its evaluation) only
 
-    agent = Agent(obs_dim, act_dim, args.action_horizon, args.hidden_dim).to(device)
+    ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, obs_dim, act_dim, args)
+    agent = Agent(
+        obs_dim, act_dim, args.action_horizon, args.hidden_dim, args.backbone, args.backbone_path,
+        ckpt and ckpt["backbone_config"],
+    ).to(device)  # fmt: skip
     optimizer = torch.optim.Adam(
         [
             {"params": agent.velocity.parameters(), "lr": args.learning_rate},
@@ -591,34 +669,22 @@ def main(args):
         ],
         eps=1e-5,
     )
-    obs_mean, obs_std = torch.zeros(obs_dim), torch.ones(obs_dim)
+    agent.act_low.copy_(torch.as_tensor(space.low)), agent.act_high.copy_(torch.as_tensor(space.high))
     global_step, start_iter = 0, 1
-    if args.checkpoint is not None:
-        ckpt = load_checkpoint(args.checkpoint, obs_dim, act_dim, args)
+    if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        obs_mean, obs_std = ckpt["obs_mean"], ckpt["obs_std"]
         global_step, start_iter = ckpt["global_step"], ckpt["iteration"] + 1
     elif args.demo_path is not None:
-        demo_obs, demo_chunks = load_demos(
-            args.demo_path,
-            args.num_demos,
-            obs_dim,
-            act_dim,
-            args.action_horizon,
-            args.control_mode,
-            low,
-            high,
+        demo_obs, demo_chunks, act_low, act_high = load_demos(
+            args.demo_path, args.num_demos, obs_dim, act_dim, args.action_horizon, args.control_mode
         )
-        obs_mean, obs_std = demo_obs.mean(0), demo_obs.std(0).clamp_min(1e-2)
-    obs_mean, obs_std = obs_mean.to(device), obs_std.to(device)
-
-    def norm(o):
-        return ((o - obs_mean) / obs_std).clamp(-10, 10)
+        agent.obs_mean.copy_(demo_obs.mean(0)), agent.obs_std.copy_(demo_obs.std(0).clamp_min(1e-2))
+        agent.act_low.copy_(act_low), agent.act_high.copy_(act_high)
 
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.evaluate:
-        res = evaluate(agent, envs, norm, args, low, high, device)
+        res = evaluate(agent, envs, args, device)
         print(f"eval {args.checkpoint}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
         envs.close()
         return res
@@ -648,7 +714,7 @@ def main(args):
         t0 = time.time()
         if not eval_envs:  # made on first use: smoke runs without evaluation spawn no extra simulators
             eval_envs.append(make_vector_env(args, kind, args.num_eval_envs, device))
-        res = evaluate(agent, eval_envs[0], norm, args, low, high, device)
+        res = evaluate(agent, eval_envs[0], args, device)
         for k, v in res.items():
             writer.add_scalar(f"eval/{k}", v, step)
         print(f"eval step={step} " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
@@ -657,7 +723,7 @@ def main(args):
     # SFT: flow-matching behaviour cloning on the demos
     if args.checkpoint is None and args.demo_path is not None and args.sft_steps > 0:
         sft_opt = torch.optim.Adam(agent.velocity.parameters(), lr=args.sft_lr)
-        demo_obs, demo_chunks = norm(demo_obs.to(device)), demo_chunks.to(device)
+        demo_obs, demo_chunks = agent.normalize(demo_obs.to(device)), demo_chunks.to(device)
         t0 = time.time()
         for i in range(1, args.sft_steps + 1):
             mb = torch.randint(0, demo_obs.shape[0], (args.sft_batch_size,), device=device)
@@ -669,8 +735,8 @@ def main(args):
                 writer.add_scalar("losses/sft_loss", loss.item(), i)
                 print(f"sft step={i} loss={loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
         if args.save_model:
-            save_checkpoint(f"{ckpt_dir}/sft_ckpt.pt", agent, optimizer, obs_mean, obs_std, args, 0, 0)
-    if args.eval_every > 0 and start_iter == 1:
+            save_checkpoint(f"{ckpt_dir}/sft_ckpt.pt", agent, optimizer, args, 0, 0)
+    if args.eval_every > 0 and start_iter == 1 <= args.num_iterations:  # (0 iterations: the final eval)
         log_eval(global_step)
 
     T, N, K = args.num_steps, args.num_envs, args.denoising_steps
@@ -698,7 +764,7 @@ def main(args):
         finished_all = []
         agent.eval()
         for step in range(T):
-            o = norm(next_obs)
+            o = agent.normalize(next_obs)
             ks = stochastic_steps(K, args.sde_steps, args.ignore_last, args.sampler, rng)
             with torch.no_grad():
                 chain, logp = agent.sample(o, K, ks, a, args.sampler)
@@ -706,16 +772,16 @@ def main(args):
             buf["obs"][step], buf["chain"][step] = o, chain
             buf["idx"][step] = torch.tensor(ks, device=device)
             buf["logp"][step] = reduce_log_prob(logp, args.num_action_chunks, args.logprob_type)
-            acts = to_env_action(chain[:, -1, : args.num_action_chunks], low, high)
+            acts = agent.to_env(chain[:, -1, : args.num_action_chunks])
             next_obs, reward, term, trunc, end_obs, finished = step_chunk(envs, acts, ep, device)
             global_step += N * args.num_action_chunks
             if trunc.any():  # bootstrap truncated episodes with the value of their last observation
                 with torch.no_grad():
-                    reward = reward + args.gamma * agent.value(norm(end_obs)) * (trunc & ~term)
+                    reward = reward + args.gamma * agent.value(agent.normalize(end_obs)) * (trunc & ~term)
             buf["rewards"][step], buf["dones"][step] = reward, (term | trunc).float()
             finished_all += finished
         with torch.no_grad():
-            next_value = agent.value(norm(next_obs))
+            next_value = agent.value(agent.normalize(next_obs))
         adv, returns = gae(
             buf["rewards"], buf["values"], buf["dones"], next_value, args.gamma, args.gae_lambda
         )
@@ -746,9 +812,7 @@ def main(args):
             log_eval(global_step)
         if args.save_model and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
             name = "final_ckpt.pt" if iteration == args.num_iterations else f"ckpt_{iteration}.pt"
-            save_checkpoint(
-                f"{ckpt_dir}/{name}", agent, optimizer, obs_mean, obs_std, args, global_step, iteration
-            )
+            save_checkpoint(f"{ckpt_dir}/{name}", agent, optimizer, args, global_step, iteration)
             print(f"saved {ckpt_dir}/{name}", flush=True)
     log_eval(global_step)
     for e in [envs, *eval_envs]:

@@ -180,6 +180,57 @@ def test_gae_matches_hand_computation():
     torch.testing.assert_close(ret, adv + v)
 
 
+def test_demo_actions_scaled_by_their_range_and_back_through_the_checkpoint(pickcube_demos, tmp_path):
+    import h5py
+
+    obs, chunks, low, high = F.load_demos(str(pickcube_demos), 2, 42, 4, 8, "pd_ee_delta_pos")
+    assert obs.shape[0] == chunks.shape[0] and chunks.shape[1:] == (8, 4)
+    torch.testing.assert_close(chunks.amin((0, 1)), -torch.ones(4))
+    torch.testing.assert_close(chunks.amax((0, 1)), torch.ones(4))
+    agent, args = F.Agent(42, 4, 8, 32), F.Args()
+    agent.act_low.copy_(low), agent.act_high.copy_(high)
+    F.save_checkpoint(str(tmp_path / "c.pt"), agent, torch.optim.Adam(agent.parameters()), args, 0, 0)
+    loaded = F.Agent(42, 4, 8, 32)
+    loaded.load_state_dict(F.load_checkpoint(str(tmp_path / "c.pt"), 42, 4, args)["agent"])
+    with h5py.File(pickcube_demos) as f:
+        raw = torch.as_tensor(np.asarray(f["traj_0"]["actions"]))
+    torch.testing.assert_close(loaded.to_env(chunks[: len(raw), 0]), raw)  # the env gets the demo's actions
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained: stands for any local Hugging Face checkpoint."""
+    from transformers import AutoModel, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=1, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("hf") / "tiny_llama"
+    AutoModel.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def test_transformer_backbone_from_pretrained_and_through_the_checkpoint(tiny_hf, tmp_path):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    agent, o = F.Agent(11, 3, 8, 32, "transformer", str(tiny_hf)), torch.randn(6, 11)
+    saved = AutoModel.from_pretrained(tiny_hf, local_files_only=True).state_dict()
+    assert all(torch.equal(w, saved[k]) for k, w in agent.velocity.lm.state_dict().items())
+    chain, logp = agent.sample(o, 4, [2], 0.5, "sde")
+    agent.train()  # the update's mode: still the rollout's log-prob (no dropout)
+    new = agent.log_prob(o, chain, torch.full((6, 1), 2), 4, 0.5, "sde")
+    torch.testing.assert_close(new, logp, rtol=0, atol=1e-6)
+    args = F.Args(backbone="transformer", hidden_dim=32)
+    F.save_checkpoint(str(tmp_path / "c.pt"), agent, torch.optim.Adam(agent.parameters()), args, 0, 0)
+    ckpt = F.load_checkpoint(str(tmp_path / "c.pt"), 11, 3, args)
+    loaded = F.Agent(11, 3, 8, 32, "transformer", config=ckpt["backbone_config"])
+    loaded.load_state_dict(ckpt["agent"])
+    t = torch.full((6,), 0.5)
+    torch.testing.assert_close(loaded.v(chain[:, 2], t, o), agent.v(chain[:, 2], t, o), rtol=0, atol=0)
+
+
 def _ckpt(stdout):
     found = re.findall(r"saved (\S+final_ckpt\.pt)", stdout)
     assert found, stdout[-2000:]
@@ -227,14 +278,14 @@ def test_smoke_pickcube_train_then_evaluate(pickcube_demos):
     assert re.search(r"success_once=\d\.\d+ success_at_end=\d\.\d+", ev.stdout), ev.stdout
 
 
-def test_smoke_mujoco_train_with_final_eval(tmp_path):
+def test_smoke_mujoco_transformer_train_then_evaluate(tiny_hf):
+    common = ["--env-id", "InvertedPendulum-v5", "--backbone", "transformer", "--num-eval-envs", "1"]
     train = run_script(
         "flow_sde_ppo.py",
-        "--env-id",
-        "InvertedPendulum-v5",
+        *common,
+        "--backbone-path",
+        str(tiny_hf),
         "--num-envs",
-        "1",
-        "--num-eval-envs",
         "1",
         "--total-timesteps",
         "40",
@@ -254,6 +305,8 @@ def test_smoke_mujoco_train_with_final_eval(tmp_path):
     ckpt = _ckpt(train.stdout)
     with pytest.raises(SystemExit, match="error: checkpoint .* was made for InvertedPendulum-v5"):
         F.load_checkpoint(ckpt, 42, 4, F.Args())
+    ev = run_script("flow_sde_ppo.py", *common, "--checkpoint", ckpt, "--evaluate", "--eval-episodes", "1")
+    assert ev.returncode == 0 and re.search(r"eval \S+: return=\S+ length=\S+", ev.stdout), ev.stderr[-3000:]
 
 
 def test_bad_inputs_exit_with_one_line(tmp_path, pickcube_demos):
@@ -270,9 +323,11 @@ def test_bad_inputs_exit_with_one_line(tmp_path, pickcube_demos):
     with pytest.raises(
         SystemExit, match="^error: demo traj_0 has obs .* but the env has obs dim 4 and action dim 1"
     ):
-        F.load_demos(str(pickcube_demos), None, 4, 1, 8, "pd_ee_delta_pos", -torch.ones(1), torch.ones(1))
+        F.load_demos(str(pickcube_demos), None, 4, 1, 8, "pd_ee_delta_pos")
     with pytest.raises(SystemExit, match="^error: demos use control_mode 'pd_ee_delta_pos'"):
-        F.load_demos(str(pickcube_demos), None, 42, 4, 8, "pd_joint_delta_pos", -torch.ones(4), torch.ones(4))
+        F.load_demos(str(pickcube_demos), None, 42, 4, 8, "pd_joint_delta_pos")
+    with pytest.raises(SystemExit, match="^error: --backbone-path .* has no config.json"):
+        F.main(F.Args(backbone="transformer", backbone_path=str(tmp_path)))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="is not a flow_sde_ppo checkpoint"):
         F.load_checkpoint(str(tmp_path / "junk.pt"), 42, 4, F.Args())
