@@ -257,14 +257,14 @@ def make_env(
 
 class ChunkVecEnv:
     """n chunked envs with same-step autoreset; step takes flat chunks (n, Ta*Da) and returns obs, reward,
-    terminated, truncated, final_obs (the true next obs), episodes (list of dicts).
+    terminated, truncated, final_obs (the true next obs), episodes (list of dicts, with the env index "env").
     CPU: gymnasium vector env of ChunkWrapper envs (ManiSkill: AsyncVectorEnv with spawn, SAPIEN is not
     fork-safe). GPU (ManiSkill physx_cuda): all envs in one process; an env that ends inside a chunk is reset
     by ManiSkill at once and runs the chunk's remaining actions in its next episode; they are excluded from
     the reward."""
 
     def __init__(self, n, env_kw, gpu, video_dir=None):
-        self.gpu = gpu
+        self.gpu, self.n = gpu, n
         if gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
@@ -293,7 +293,7 @@ class ChunkVecEnv:
             final_obs, episodes = obs.copy(), []
             for i in np.flatnonzero(term | trunc):
                 final_obs[i] = info["final_obs"][i]
-                episodes.append({k: float(info["final_info"][k][i]) for k in EPISODE_KEYS})
+                episodes.append({k: float(info["final_info"][k][i]) for k in EPISODE_KEYS} | {"env": int(i)})
             return obs, r.astype(np.float32), term, trunc, final_obs, episodes
         a = actions.reshape(-1, *self.act_shape).to(self.envs.device)
         done, term, trunc = (torch.zeros(len(a), dtype=torch.bool, device=a.device) for _ in range(3))
@@ -310,7 +310,8 @@ class ChunkVecEnv:
                 ep, succ = info["final_info"]["episode"], info["final_info"]["success"]
                 cols = (ep["return"], ep["episode_len"], ep["success_once"], succ)
                 for j in new.nonzero().flatten().tolist():
-                    episodes.append({k: float(c[j]) for k, c in zip(EPISODE_KEYS, cols, strict=True)})
+                    ep_j = {k: float(c[j]) for k, c in zip(EPISODE_KEYS, cols, strict=True)}
+                    episodes.append(ep_j | {"env": j})
             term, trunc, done = term | (te & new), trunc | (tr & new), done | new
         return tuple(x.cpu().numpy() for x in (obs, reward, term, trunc, final_obs)) + (episodes,)
 
@@ -562,12 +563,18 @@ def chunk_dataset(episodes, horizon):
 
 # ---------------------------------------------------------------- evaluation and checkpoints
 def evaluate(policy, envs, obs_norm, K, n_episodes, seed):
+    """Mean over the first n_episodes // N (+1) episodes of each env: keeping the first n_episodes to end
+    overall would favour short (e.g. fallen) episodes."""
     obs, episodes = envs.reset(seed=seed), []
-    while len(episodes) < n_episodes:
+    quota = [n_episodes // envs.n + (i < n_episodes % envs.n) for i in range(envs.n)]
+    while any(quota):
         chain = sample_chain(policy, obs_norm(obs), K, 1.0, 1.0, deterministic=True)
         obs, _, _, _, _, eps = envs.step(chain[:, -1])
-        episodes += eps
-    return {k: float(np.mean([e[k] for e in episodes[:n_episodes]])) for k in EPISODE_KEYS}
+        for e in eps:
+            if quota[e["env"]] > 0:
+                quota[e["env"]] -= 1
+                episodes.append(e)
+    return {k: float(np.mean([e[k] for e in episodes])) for k in EPISODE_KEYS}
 
 
 def collect_demos(env, policy, obs_norm, K, n_episodes, seed, out):

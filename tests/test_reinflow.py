@@ -156,6 +156,30 @@ def test_pretraining_on_toy_multimodal_data():
     assert (counts > 100).all(), counts  # all four modes are covered, none collapsed
 
 
+class FakeEnvs:
+    """Env 0 ends an episode (return 0) every step, env 1 every 5 steps (return 1)."""
+
+    n = 2
+
+    def reset(self, seed):
+        self.t = 0
+        return np.zeros((2, 3), np.float32)
+
+    def step(self, actions):
+        self.t += 1
+        eps = [{"env": 0} | dict.fromkeys(rf.EPISODE_KEYS, 0.0)]
+        if self.t % 5 == 0:
+            eps.append({"env": 1} | dict.fromkeys(rf.EPISODE_KEYS, 1.0))
+        return np.zeros((2, 3), np.float32), None, None, None, None, eps
+
+
+def test_evaluate_takes_the_same_number_of_episodes_from_each_env():
+    """The first 4 episodes to end would all be env 0's short ones (mean 0); 2 per env gives 0.5."""
+    pol = make_policy(Ta=1, dtype=torch.float32)
+    m = rf.evaluate(pol, FakeEnvs(), lambda o: torch.as_tensor(o), 2, 4, seed=0)
+    assert m["episode_return"] == 0.5
+
+
 # ---------------------------------------------------------------- CLI smoke runs
 def ckpt_of(stdout):
     return [ln.split("saved ")[1] for ln in stdout.splitlines() if ln.startswith("saved")][-1].replace(
