@@ -1,5 +1,6 @@
-"""Plots the PickCube ReinFlow fine-tuning eval curves (reinflow.py's runs/<run>/eval_curve.csv, copied to
-results/reinflow/pickcube_ft_*.csv) into results/reinflow/pickcube.png.
+"""Plots reinflow.py's eval curves (runs/<run>/eval_curve.csv, copied to results/reinflow/): PickCube-v1
+success/return into results/reinflow/pickcube.png, MuJoCo (Hopper-v5, Walker2d-v5) return into
+results/reinflow/mujoco.png. The point at 0 env steps is the BC-pretrained policy.
 
 usage: python bench/reinflow_plot.py  (from the repo root)
 """
@@ -12,11 +13,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+
+def curves(pattern):
+    for path in sorted(glob.glob(pattern)):
+        rows = list(csv.DictReader(open(path)))
+        label = path.split("/")[-1][:-4]
+        yield label, [int(r["env_steps"]) for r in rows], rows
+
+
 fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-for path in sorted(glob.glob("results/reinflow/pickcube_ft_*.csv")):
-    rows = list(csv.DictReader(open(path)))
-    x = [int(r["env_steps"]) for r in rows]
-    label = path.split("pickcube_")[1][:-4]
+for label, x, rows in curves("results/reinflow/pickcube_ft_*.csv"):
+    label = label.removeprefix("pickcube_")
     ax[0].plot(x, [float(r["eval_success_once"]) for r in rows], "o-", label=label)
     ax[1].plot(x, [float(r["eval_return"]) for r in rows], "o-", label=label)
 ax[0].set(xlabel="fine-tuning env steps", ylabel="eval success_once (20 eps)")
@@ -26,3 +33,15 @@ fig.suptitle("ReinFlow on PickCube-v1 from BC on 100 MP demos (CPU, deterministi
 fig.tight_layout()
 fig.savefig("results/reinflow/pickcube.png", dpi=80)
 print("results/reinflow/pickcube.png")
+
+envs = [("hopper", "Hopper-v5"), ("walker", "Walker2d-v5")]
+fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+for a, (prefix, env_id) in zip(ax, envs, strict=True):
+    for label, x, rows in curves(f"results/reinflow/{prefix}_ft_*.csv"):
+        a.plot(x, [float(r["eval_return"]) for r in rows], "o-", label=label.removeprefix(f"{prefix}_ft_"))
+    a.set(title=env_id, xlabel="fine-tuning env steps", ylabel="eval return (deterministic ODE)")
+    a.legend(fontsize=7)
+fig.suptitle("ReinFlow on MuJoCo from BC on local medium demos (CPU); step 0 = the BC policy")
+fig.tight_layout()
+fig.savefig("results/reinflow/mujoco.png", dpi=80)
+print("results/reinflow/mujoco.png")
