@@ -253,25 +253,26 @@ def noise_level_at(iteration: int, a0: float, a1: float | None, anneal_iters: in
 def mlp(inp, hidden, out):
     return nn.Sequential(
         nn.Linear(inp, hidden),
-        nn.Mish(),
+        nn.GELU(),
         nn.Linear(hidden, hidden),
-        nn.Mish(),
+        nn.GELU(),
         nn.Linear(hidden, hidden),
-        nn.Mish(),
+        nn.GELU(),
         nn.Linear(hidden, out),
     )
 
 
-def time_features(t, n=8):
-    """(B,) → (B, 2n + 1): [t, sin(πjt), cos(πjt)] for j = 1..n."""
-    angle = t[:, None] * math.pi * torch.arange(1, n + 1, device=t.device, dtype=t.dtype)
-    return torch.cat([t[:, None], angle.sin(), angle.cos()], -1)
+def time_features(t, dim=32):
+    """(B,) → (B, dim): π0's sinusoidal embedding of t, periods from 4e-3 to 4."""
+    period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, dim // 2, device=t.device, dtype=t.dtype)
+    angle = 2 * math.pi * t[:, None] / period
+    return torch.cat([angle.sin(), angle.cos()], -1)
 
 
 class MLPVelocity(nn.Module):
     def __init__(self, obs_dim, H, A, hidden_dim):
         super().__init__()
-        self.net = mlp(obs_dim + H * A + 17, hidden_dim, H * A)
+        self.net = mlp(obs_dim + H * A + 32, hidden_dim, H * A)
 
     def forward(self, x, t, o):
         return self.net(torch.cat([o, x.flatten(1), time_features(t)], -1)).view_as(x)
@@ -301,7 +302,7 @@ class TransformerVelocity(nn.Module):
         d = self.lm.config.hidden_size
         self.prefix = nn.Linear(obs_dim, self.P * d)
         self.action_in = nn.Linear(A, d)
-        self.time_in = nn.Sequential(nn.Linear(17, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_in = nn.Sequential(nn.Linear(32, d), nn.SiLU(), nn.Linear(d, d))
         self.v_out = nn.Linear(d, A)
 
     def train(self, mode=True):  # the backbone's dropout stays off: log π of a stored chain must not change
@@ -466,19 +467,31 @@ def make_vector_env(args, kind, num_envs, device):
             max_episode_steps=steps,
         )
         return ManiSkillVectorEnv(
-            env, num_envs, auto_reset=True, ignore_terminations=False, record_metrics=False
+            env, num_envs, auto_reset=False, ignore_terminations=False, record_metrics=False
         )
     fn = partial(make_single_env, args.env_id, kind, args.control_mode, args.reward_mode, steps)
     return gym.vector.AsyncVectorEnv(
-        [fn] * num_envs, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )  # spawn: fork hangs once SAPIEN is initialised; SAME_STEP: final_obs arrives with the done flag
+        [fn] * num_envs, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED
+    )  # spawn: fork hangs once SAPIEN is initialised; no autoreset: step_chunk resets between chunks
+
+
+def reset_done(envs, done, obs, device):
+    """Resets the envs in the mask `done`; the others keep their observation."""
+    if not done.any():
+        return obs
+    if isinstance(envs, gym.vector.AsyncVectorEnv):
+        new = envs.reset(options={"reset_mask": done.cpu().numpy()})[0]
+    else:
+        new = envs.reset(options={"env_idx": done.nonzero().flatten()})[0]
+    return torch.where(done[:, None], torch.as_tensor(new, dtype=torch.float32, device=device), obs)
 
 
 def step_chunk(envs, actions, ep, device):
     """Executes C actions (N, C, A) of every env; returns next obs, the chunk's summed reward, whether the
     episode ended by termination/truncation inside the chunk, the obs where it ended, finished episodes.
-    An env whose episode ends mid-chunk plays the rest of the chunk in its new episode (same-step autoreset);
-    those rewards count for the new episode's statistics, not for this transition."""
+    An env whose episode ends mid-chunk idles through the rest of the chunk (ignored) and is reset after it:
+    leftover actions played in the next episode start it off the demos' distribution (on PickCube one SFT
+    policy succeeded 0.11 that way vs 0.39 this way, 100 episodes each)."""
     as_t = partial(torch.as_tensor, device=device)
     n = actions.shape[0]
     reward, alive = torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device)
@@ -487,27 +500,17 @@ def step_chunk(envs, actions, ep, device):
     for j in range(actions.shape[1]):
         act = actions[:, j].cpu().numpy() if isinstance(envs, gym.vector.AsyncVectorEnv) else actions[:, j]
         obs, r, te, tr, info = envs.step(act)
-        obs, r = as_t(obs, dtype=torch.float32), as_t(r, dtype=torch.float32)
-        te, tr = as_t(te, dtype=torch.bool), as_t(tr, dtype=torch.bool)
+        obs, r = as_t(obs, dtype=torch.float32), as_t(r, dtype=torch.float32) * alive
+        te, tr = as_t(te, dtype=torch.bool) & alive, as_t(tr, dtype=torch.bool) & alive
+        success = as_t(info["success"], dtype=torch.bool) & alive if "success" in info else None
         done = te | tr
-        success = as_t(info["success"], dtype=torch.bool) if "success" in info else None
-        final = torch.zeros_like(obs)
-        if done.any():
-            fo = info["final_obs"] if "final_obs" in info else info["final_observation"]
-            d = done.cpu().numpy()
-            final[done] = as_t(
-                np.stack(fo[d]) if isinstance(fo, np.ndarray) else fo[done], dtype=torch.float32
-            )
-            if success is not None:
-                success = torch.where(done, as_t(info["final_info"]["success"], dtype=torch.bool), success)
         ep["return"] += r
-        ep["length"] += 1
+        ep["length"] += alive
         if success is not None:
             ep["success_once"] |= success
-        reward += r * alive
-        ended = done & alive
-        term, trunc = term | (te & alive), trunc | (tr & alive)
-        end_obs = final if end_obs is None else torch.where(ended[:, None], final, end_obs)
+        reward += r
+        term, trunc = term | te, trunc | tr
+        end_obs = obs if end_obs is None else torch.where(done[:, None], obs, end_obs)
         for i in done.nonzero().flatten().tolist():
             stats = {k: float(v[i]) for k, v in ep.items()}
             if success is not None:
@@ -518,7 +521,7 @@ def step_chunk(envs, actions, ep, device):
             for v in ep.values():
                 v[i] = 0
         alive &= ~done
-    return obs, reward, term, trunc, torch.where((term | trunc)[:, None], end_obs, obs), finished
+    return reset_done(envs, ~alive, obs, device), reward, term, trunc, end_obs, finished
 
 
 def new_episode_stats(n, device):

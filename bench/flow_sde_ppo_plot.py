@@ -1,6 +1,7 @@
 """TensorBoard runs of flow_sde_ppo.py → one CSV of eval/* and charts/* scalars + a PNG of eval success.
 
-python bench/flow_sde_ppo_plot.py runs/PickCube-v1__fsppo_pick_s1__1__* --out results/flow_sde_ppo/pickcube
+python bench/flow_sde_ppo_plot.py --runs runs/PickCube-v1__fsppo_pick_s1__1__* --out results/flow_sde_ppo/x
+(also reads flow_noise_ppo.py's runs: same eval/* and charts/* tags)
 """
 
 import csv
@@ -17,6 +18,8 @@ class PlotArgs:
     """run directories (runs/{run_name})"""
     out: str = "results/flow_sde_ppo/pickcube"
     """output prefix: {out}.csv and {out}.png"""
+    title: str = "flow_sde_ppo on PickCube-v1 (deterministic ODE evaluation, 20 episodes)"
+    """figure title"""
 
 
 def main(p):
@@ -67,7 +70,7 @@ def main(p):
     for a in (ax, ax2):
         a.set_xlabel("RL env steps (step 0 = after SFT)")
         a.legend(fontsize=7)
-    fig.suptitle("flow_sde_ppo on PickCube-v1 (deterministic ODE evaluation, 20 episodes)")
+    fig.suptitle(p.title)
     fig.tight_layout()
     fig.savefig(p.out + ".png", dpi=100)
     print(f"wrote {p.out}.csv ({len(rows)} rows) and {p.out}.png")
