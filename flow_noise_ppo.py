@@ -31,6 +31,10 @@ PPO on chunk steps (one decision = one chunk, reward R = Σ of the C executed re
 SFT (flow matching, before RL): x_t = t·ε + (1 - t)·a, target v = ε - a, loss ||v_θ(x_t, t, o) - v||²,
 t ~ U(0, 1), actions min-max scaled to [-1, 1] by the demos' range (kept in the checkpoint).
 
+Multi-task (--env-id A,B,...): sub-env i runs task i mod T, and every observation becomes
+    õ = [o ; 0 … 0 ; onehot(task)] ∈ R^{D_max + T}   (o zero-padded to the largest task's obs dim D_max)
+so policy and critic see the task token; SFT uses the union of one demo file per task; eval is per task.
+
 Defaults: H = 8, C = 5, K = 4, σ ∈ [0.08, 0.16], token ratios, sparse ManiSkill reward, 100-step episodes,
 2 CPU envs, 100 chunk decisions per env per update, 4 epochs x 4 minibatches, lr 3e-5 (critic 3e-4),
 2 critic-only warm-up updates, γ = 0.99 and λ = 0.95 per chunk step. Evaluation runs the noiseless ODE.
@@ -77,7 +81,8 @@ class Args:
 
     # Environment
     env_id: str = "PickCube-v1"
-    """ManiSkill3 (PickCube-v1, PushCube-v1, StackCube-v1, PullCube-v1) or gymnasium MuJoCo (Hopper-v5)"""
+    """ManiSkill3 (PickCube-v1, PushCube-v1, StackCube-v1, PullCube-v1) or gymnasium MuJoCo (Hopper-v5);
+    comma-separated for a multi-task run with a task token (e.g. PickCube-v1,PushCube-v1)"""
     control_mode: str = "pd_ee_delta_pos"
     """ManiSkill controller; must match the demos"""
     reward_mode: str = "sparse"
@@ -85,11 +90,11 @@ class Args:
     max_episode_steps: int | None = None
     """episode length; none: 100 for ManiSkill (PickCube's motion-planned demos take <= 99), else the env's"""
     num_envs: int = 2
-    """parallel training envs (2 is fastest on a 2-core CPU; hundreds with physx_cuda)"""
+    """parallel training envs (2 is fastest on 2 CPU cores; hundreds with physx_cuda); >= number of tasks"""
     num_eval_envs: int = 2
-    """parallel evaluation envs"""
+    """parallel evaluation envs (>= number of tasks)"""
     eval_episodes: int = 20
-    """episodes per evaluation"""
+    """episodes per evaluation (per task)"""
     eval_every: int = 5
     """evaluate every this many PPO updates"""
     checkpoint_every: int = 5
@@ -115,9 +120,9 @@ class Args:
 
     # SFT on demonstrations
     demo_path: str | None = None
-    """ManiSkill h5 from `bash make_demos.sh` (state obs); none: RL from scratch"""
+    """h5 from `bash make_demos.sh` (state obs), one per task, comma-separated; none: RL from scratch"""
     num_demos: int | None = None
-    """use only the first N trajectories of the file (few-shot SFT); none: all"""
+    """use only the first N trajectories of each file (few-shot SFT); none: all"""
     sft_steps: int = 2000
     """flow-matching gradient steps before RL"""
     sft_batch_size: int = 256
@@ -218,20 +223,9 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float):
 
 
 def ppo_loss(
-    new_logp,
-    old_logp,
-    adv,
-    new_v,
-    old_v,
-    returns,
-    entropy,
-    mask,
-    clip_coef,
-    value_clip,
-    ent_coef,
-    vf_coef,
+    new_logp, old_logp, adv, new_v, old_v, returns, entropy, mask, clip_coef, value_clip, ent_coef, vf_coef,
     huber_delta,
-):
+):  # fmt: skip
     """Clipped PPO; token log-probs (B,H,A) average the objective over the mask; chunk log-probs are (B,)."""
     logratio = new_logp - old_logp
     ratio = logratio.exp()
@@ -407,14 +401,25 @@ def is_maniskill(env_id: str) -> bool:
     )
 
 
-def make_env(args: Args, maniskill: bool, video_dir: str | None = None):
+def task_token_obs(obs, task: int, num_tasks: int, pad_to: int) -> np.ndarray:
+    """o (..., d) -> õ = [o ; 0 … 0 ; onehot(task)] (..., pad_to + num_tasks): one layout for every task."""
+    obs = np.asarray(obs, np.float32)
+    out = np.zeros((*obs.shape[:-1], pad_to + num_tasks), np.float32)
+    out[..., : obs.shape[-1]] = obs
+    out[..., pad_to + task] = 1.0
+    return out
+
+
+def make_env(args: Args, env_id: str, maniskill: bool, video_dir: str | None = None, token=None):
+    """token = (task, num_tasks, pad_to): the env returns task_token_obs of its observations."""
+
     def thunk():
         if maniskill:
             import mani_skill.envs  # noqa: F401  (registers the ids in the subprocess)
             from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
             env = gym.make(
-                args.env_id, obs_mode="state", sim_backend="physx_cpu", render_backend="cpu",
+                env_id, obs_mode="state", sim_backend="physx_cpu", render_backend="cpu",
                 control_mode=args.control_mode, reward_mode=args.reward_mode,
                 max_episode_steps=args.max_episode_steps or 100,
                 render_mode="rgb_array" if video_dir else None,
@@ -423,23 +428,40 @@ def make_env(args: Args, maniskill: bool, video_dir: str | None = None):
                 from mani_skill.utils.wrappers.record import RecordEpisode
 
                 env = RecordEpisode(env, video_dir, save_trajectory=False)
-            return CPUGymWrapper(env)
-        env = gym.make(
-            args.env_id,
-            max_episode_steps=args.max_episode_steps,
-            render_mode="rgb_array" if video_dir else None,
-        )
-        return gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
+            env = CPUGymWrapper(env)
+        else:
+            env = gym.make(env_id, max_episode_steps=args.max_episode_steps,
+                           render_mode="rgb_array" if video_dir else None)  # fmt: skip
+            env = gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
+        if token is None:
+            return env
+        space = gym.spaces.Box(-np.inf, np.inf, (token[2] + token[1],), np.float32)
+        return gym.wrappers.TransformObservation(env, lambda o: task_token_obs(o, *token), space)
 
     return thunk
+
+
+def task_obs_dims(args: Args, tasks: list[str]) -> list[int]:
+    """Obs dim of each task, from one throw-away env each; one action head needs one action space."""
+    dims, spaces = [], []
+    for task in tasks:
+        env = make_env(args, task, is_maniskill(task))()
+        dims.append(env.observation_space.shape[0]), spaces.append(env.action_space), env.close()
+    if any(space != spaces[0] for space in spaces):
+        raise SystemExit(f"error: the tasks' action spaces differ ({spaces}); pass tasks of one robot")
+    return dims
 
 
 class VecEnv:
     """N envs behind one torch API. Episodes reset only when the caller asks, i.e. between chunks."""
 
-    def __init__(self, args: Args, n: int, device, video_dir=None):
+    def __init__(self, args: Args, n: int, device, video_dir=None, tokens=(None,)):
         self.device = device
-        self.gpu = device.type == "cuda" and is_maniskill(args.env_id)
+        self.tasks = args.env_id.split(",")
+        T = len(self.tasks)
+        self.task_of_env = [i % T for i in range(n)]  # round-robin
+        # physx_cuda runs one scene type per process: a multi-task run keeps its sub-envs on physx_cpu
+        self.gpu = device.type == "cuda" and T == 1 and is_maniskill(args.env_id)
         if self.gpu:  # physx_cuda: all envs in this process, tensors stay on the GPU
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
@@ -457,12 +479,17 @@ class VecEnv:
                 env, n, auto_reset=False, ignore_terminations=False, record_metrics=False
             )
         else:
-            ms = is_maniskill(args.env_id)
-            thunks = [make_env(args, ms, video_dir if i == 0 else None) for i in range(n)]
+            ms = [is_maniskill(task) for task in self.tasks]
+            thunks = [
+                make_env(args, self.tasks[k], ms[k], video_dir if i == 0 else None, tokens[k])
+                for i, k in enumerate(self.task_of_env)
+            ]
             # one process per env ("spawn": SAPIEN does not survive fork); unlike SyncVectorEnv, these workers
             # let an env that ended inside a chunk keep stepping until the chunk is over
             self.envs = gym.vector.AsyncVectorEnv(
-                thunks, context="spawn" if ms else "fork", autoreset_mode=gym.vector.AutoresetMode.DISABLED
+                thunks,
+                context="spawn" if any(ms) else "fork",
+                autoreset_mode=gym.vector.AutoresetMode.DISABLED,
             )
         space = self.envs.single_action_space
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
@@ -498,27 +525,26 @@ class VecEnv:
         self.envs.close()
 
 
-def check_demo_file(path, args: Args):
+def check_demo_file(path, env_id: str, control_mode: str):
     """Before any env starts: the file exists and its json sidecar names this env and controller."""
     path = Path(path)
     if not path.exists():
-        raise SystemExit(
-            f"error: demo file {path} not found; make one with `bash make_demos.sh {args.env_id}`"
-        )
+        raise SystemExit(f"error: demo file {path} not found; make one with `bash make_demos.sh {env_id}`")
     meta = path.with_suffix(".json")
     if meta.exists():
         info = json.loads(meta.read_text()).get("env_info", {})
-        if info.get("env_id", args.env_id) != args.env_id:
+        if info.get("env_id", env_id) != env_id:
             raise SystemExit(
-                f"error: demos are for {info['env_id']}, not {args.env_id}; pass matching --env-id"
+                f"error: demos are for {info['env_id']}, not {env_id}; pass matching --env-id (and order)"
             )
-        mode = info.get("env_kwargs", {}).get("control_mode", args.control_mode)
-        if mode != args.control_mode:
+        mode = info.get("env_kwargs", {}).get("control_mode", control_mode)
+        if mode != control_mode:
             raise SystemExit(f"error: demos use control mode {mode}; pass --control-mode {mode}")
 
 
-def load_demos(path, args: Args, obs_dim, act_dim):
-    """ManiSkill h5 -> obs (N,D), action chunks (N,H,A); chunks past the end repeat the last action."""
+def load_demos(path, args: Args, obs_dim, act_dim, token=None):
+    """ManiSkill h5 -> obs (N,D), action chunks (N,H,A); chunks past the end repeat the last action.
+    token = (task, num_tasks, pad_to): obs become task_token_obs, as the multi-task envs return them."""
     import h5py
 
     obs, chunks = [], []
@@ -540,6 +566,7 @@ def load_demos(path, args: Args, obs_dim, act_dim):
                     f"(L+1, {obs_dim}) / (L, {act_dim}); make state demos for {args.control_mode}"
                 )
             o, a = np.asarray(o[:-1], np.float32), np.asarray(a, np.float32)
+            o = o if token is None else task_token_obs(o, *token)
             idx = np.minimum(np.arange(len(a))[:, None] + np.arange(args.action_horizon)[None], len(a) - 1)
             obs.append(o), chunks.append(a[idx])
     return torch.as_tensor(np.concatenate(obs)), torch.as_tensor(np.concatenate(chunks))
@@ -550,9 +577,10 @@ def load_demos(path, args: Args, obs_dim, act_dim):
 
 @torch.no_grad()
 def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
-    """Deterministic chains (σ = 0), no partial resets: rounds of N full episodes."""
-    rows, first = [], True
-    while len(rows) < n_episodes:
+    """Deterministic chains (σ = 0), no partial resets: rounds of N full episodes until each task has
+    n_episodes. Returns the task-averaged means and, with several tasks, "{task}/{metric}" too."""
+    rows, first = [], True  # (task, return, success_once, success_at_end)
+    while min(sum(row[0] == k for row in rows) for k in range(len(envs.tasks))) < n_episodes:
         obs = envs.reset(seed=seed if first else None)
         first = False
         N = obs.shape[0]
@@ -571,9 +599,15 @@ def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
                 end = alive & (term | trunc)
                 at_end[end] = success[end]
                 alive &= ~(term | trunc)
-        rows += list(zip(ret.tolist(), once.tolist(), at_end.tolist(), strict=True))
-    ret, once, at_end = np.array(rows[:n_episodes], dtype=np.float64).T
-    return {"return": ret.mean(), "success_once": once.mean(), "success_at_end": at_end.mean()}
+        rows += list(zip(envs.task_of_env, ret.tolist(), once.tolist(), at_end.tolist(), strict=True))
+    per_task = {}
+    for k, task in enumerate(envs.tasks):
+        ret, once, at_end = np.array([row[1:] for row in rows if row[0] == k][:n_episodes], np.float64).T
+        per_task[task] = {"return": ret.mean(), "success_once": once.mean(), "success_at_end": at_end.mean()}
+    stats = {key: np.mean([s[key] for s in per_task.values()]) for key in per_task[envs.tasks[0]]}
+    if len(envs.tasks) > 1:
+        stats |= {f"{task}/{key}": v for task, s in per_task.items() for key, v in s.items()}
+    return stats
 
 
 def save_checkpoint(path, policy, critic, optimizer, args, global_step, iteration):
@@ -616,8 +650,14 @@ def load_checkpoint(args: Args):
 
 
 def main(args: Args):
-    if not is_maniskill(args.env_id) and args.env_id not in gym.registry:
-        raise SystemExit(f"error: unknown env id {args.env_id!r}; try PickCube-v1, PushCube-v1 or Hopper-v5")
+    tasks = args.env_id.split(",")
+    for task in tasks:
+        if not is_maniskill(task) and task not in gym.registry:
+            raise SystemExit(f"error: unknown env id {task!r}; try PickCube-v1, PushCube-v1 or Hopper-v5")
+    if len(set(tasks)) < len(tasks) or min(args.num_envs, args.num_eval_envs) < len(tasks):
+        raise SystemExit(
+            f"error: {len(tasks)} tasks need distinct ids and --num-envs, --num-eval-envs >= {len(tasks)}"
+        )
     if not 1 <= args.num_action_chunks <= args.action_horizon:
         raise SystemExit(f"error: --num-action-chunks must be in [1, --action-horizon={args.action_horizon}]")
     if args.evaluate and args.checkpoint is None:
@@ -626,8 +666,11 @@ def main(args: Args):
         raise SystemExit(
             f"error: --backbone-path {args.backbone_path} has no config.json (save one with save_pretrained)"
         )
-    if args.demo_path:
-        check_demo_file(args.demo_path, args)
+    demo_paths = args.demo_path.split(",") if args.demo_path else []
+    if demo_paths and len(demo_paths) != len(tasks):
+        raise SystemExit(f"error: {len(tasks)} tasks need {len(tasks)} comma-separated --demo-path files")
+    for path, task in zip(demo_paths, tasks, strict=False):
+        check_demo_file(path, task, args.control_mode)
     ckpt = load_checkpoint(args) if args.checkpoint else None
 
     random.seed(args.seed)
@@ -640,11 +683,17 @@ def main(args: Args):
     ckpt_path = run_dir / "flow_noise_ppo.pt"
     video_dir = str(run_dir / "videos") if args.capture_video else None
 
-    eval_envs = VecEnv(args, args.num_eval_envs, device, video_dir)
-    envs = None if args.evaluate else VecEnv(args, args.num_envs, device)
+    dims = task_obs_dims(args, tasks) if len(tasks) > 1 else None  # one task: no padding, no token
+    tokens = [(k, len(tasks), max(dims)) for k in range(len(tasks))] if dims else [None]
+    eval_envs = VecEnv(args, args.num_eval_envs, device, video_dir, tokens)
+    envs = None if args.evaluate else VecEnv(args, args.num_envs, device, tokens=tokens)
     N, C, K, H = args.num_envs, args.num_action_chunks, args.denoising_steps, args.action_horizon
     D, A = eval_envs.obs_dim, eval_envs.act_dim
-    demos = load_demos(args.demo_path, args, D, A) if args.demo_path else None
+    # SFT data: the union of the tasks' demos, each in its task's observation layout
+    parts = [
+        load_demos(p, args, d, A, tok) for p, d, tok in zip(demo_paths, dims or [D], tokens, strict=False)
+    ]
+    demos = tuple(torch.cat(x) for x in zip(*parts, strict=True)) if parts else None
 
     policy = FlowNoisePolicy(
         D, A, H, K, args.sigma_min, args.sigma_max, args.backbone, args.backbone_path,

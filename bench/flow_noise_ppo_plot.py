@@ -1,4 +1,5 @@
-"""TensorBoard run(s) of flow_noise_ppo.py -> one CSV of all scalars + a PNG of success vs env steps.
+"""TensorBoard run(s) of flow_noise_ppo.py -> one CSV of all scalars + a PNG of success vs env steps
+(multi-task runs: also eval/{task}/success_once per task).
 
 python bench/flow_noise_ppo_plot.py --runs runs/PickCube-v1__flow_noise_ppo__1__* --out results/x
 """
@@ -35,7 +36,12 @@ def main(p: Plot):
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, run in enumerate(p.runs):
         name = Path(run).name
-        for tag, style in (("eval/success_once", "o-"), ("charts/success_once", ".:")):
+        per_task = sorted(
+            {t for r, t, _, _ in rows if r == name and t.endswith("/success_once") and t.count("/") == 2}
+        )
+        styles = [("eval/success_once", "o-"), ("charts/success_once", ".:")]
+        styles += [(tag, m + "--") for tag, m in zip(per_task, "s^vD<>", strict=False)]  # multi-task runs
+        for tag, style in styles:
             pts = sorted((s, v) for r, t, s, v in rows if r == name and t == tag)
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=f"{name.split('__')[1]} {tag}")

@@ -193,6 +193,48 @@ def test_transformer_backbone_offline_and_mujoco_smoke(tmp_path, monkeypatch):
     shutil.rmtree(saved_path(result).parent, ignore_errors=True)
 
 
+def test_task_token_layout(tmp_path):
+    o = np.arange(2 * 35, dtype=np.float32).reshape(2, 35) + 1
+    tok = fnp.task_token_obs(o, 1, 2, 42)  # PushCube's 35 dims padded to PickCube's 42, then onehot(task 1)
+    assert tok.shape == (2, 44) and tok.dtype == np.float32
+    np.testing.assert_array_equal(tok[:, :35], o)
+    assert (tok[:, 35:42] == 0).all() and (tok[:, 42:] == [0, 1]).all()
+    np.testing.assert_array_equal(fnp.task_token_obs(o[0], 1, 2, 42), tok[0])  # one obs as the env returns it
+    with h5py.File(tmp_path / "push.h5", "w") as f:  # demos get the same layout as the env's observations
+        f["traj_0/obs"], f["traj_0/actions"] = o[[0, 1, 1]], np.ones((2, 4), np.float32)
+    obs, chunks = fnp.load_demos(tmp_path / "push.h5", fnp.Args(), 35, 4, token=(1, 2, 42))
+    np.testing.assert_array_equal(obs.numpy(), tok)
+    assert chunks.shape == (2, 8, 4)
+
+
+def test_multitask_smoke(tmp_path):
+    # MuJoCo tasks (forked workers: cheap) with stand-in demos take the ManiSkill multi-task path: round-robin
+    # sub-envs, obs zero-padded to the largest task's dim + task token, SFT on the union, per-task eval
+    g, paths = np.random.default_rng(0), []
+    for task, obs_dim in (("Reacher-v5", 10), ("Swimmer-v5", 8)):
+        paths.append(str(tmp_path / f"{task}.h5"))
+        with h5py.File(paths[-1], "w") as f:
+            for i in range(3):
+                f[f"traj_{i}/obs"] = g.normal(size=(21, obs_dim)).astype(np.float32)
+                f[f"traj_{i}/actions"] = g.uniform(-1, 1, size=(20, 2)).astype(np.float32)
+    result = run_script(
+        "flow_noise_ppo.py", "--env-id", "Reacher-v5,Swimmer-v5", "--demo-path", ",".join(paths),
+        "--sft-steps", "10", "--total-timesteps", "40", "--num-steps", "4", "--num-minibatches", "2",
+        "--update-epochs", "1", "--critic-warmup", "0", "--eval-episodes", "2", "--max-episode-steps", "10",
+        "--save-model", "--exp-name", "test_flow_noise_ppo_mt",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iter=1/1" in result.stdout, result.stdout[-2000:]
+    for task in ("Reacher-v5", "Swimmer-v5"):  # evaluated per task, then averaged
+        assert re.search(rf"eval/{task}/return=-?\d+\.\d{{3}}", result.stdout), result.stdout[-2000:]
+    ckpt = saved_path(result)
+    try:  # policy and critic see 10 (padded) obs dims + a 2-dim task token
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert state["policy"]["obs_mean"].shape == (12,) and state["critic"]["0.weight"].shape[1] == 12
+    finally:
+        shutil.rmtree(ckpt.parent, ignore_errors=True)
+
+
 def test_bad_inputs_exit_with_one_line(pickcube_demos, tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     cases = [
@@ -204,8 +246,15 @@ def test_bad_inputs_exit_with_one_line(pickcube_demos, tmp_path):
         ({"num_action_chunks": 9}, "num-action-chunks"),
         ({"backbone_path": str(tmp_path)}, "config.json"),
         ({"evaluate": True}, "needs --checkpoint"),
+        ({"env_id": "PickCube-v1,PushCube-v1", "num_envs": 1}, "--num-envs"),
+        ({"env_id": "PickCube-v1,PushCube-v1", "demo_path": str(pickcube_demos)}, "2 comma-separated"),
+        (
+            {"env_id": "PushCube-v1,PickCube-v1", "demo_path": f"{pickcube_demos},{pickcube_demos}"},
+            "demos are",
+        ),
+        ({"env_id": "InvertedPendulum-v5,InvertedDoublePendulum-v5"}, "action spaces differ"),
     ]
-    for kwargs, needle in cases:  # in-process: every check runs before an env or a model is built
+    for kwargs, needle in cases:  # in-process: every check runs before a model (or a ManiSkill env) is built
         with pytest.raises(SystemExit) as e:
             fnp.main(fnp.Args(**kwargs))
         assert str(e.value).startswith("error:") and "\n" not in str(e.value) and needle in str(e.value)
