@@ -1,9 +1,11 @@
 """Collects rl_cotrain.py result logs into results/rl_cotrain/{runs.csv,summary.csv,success.png}.
 
-usage: python bench/rl_cotrain_results.py LOG_DIR
+usage: python bench/rl_cotrain_results.py LOG_DIR [OUT_DIR]   (OUT_DIR defaults to results/rl_cotrain)
 LOG_DIR holds {mode}_s{seed}.log, the stdout of `python rl_cotrain.py --mode MODE --seed SEED ...` followed
 by a line "DONE rc=0 ..."; the last "eval step=..." line of each log is its result. rl-co and rl-sim-only
-resume Stage II from the sft-cotrain checkpoint of the same seed (their shared Stage I).
+either resume Stage II from the sft-cotrain checkpoint of the same seed (their shared Stage I), or run both
+stages: then their "eval step=0" line (after Stage I, the same as --mode sft-cotrain) is also the sft-cotrain
+result of that seed, unless LOG_DIR has an sft-cotrain log for it.
 """
 
 import csv
@@ -18,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 EVAL = re.compile(r"^eval step=(\d+) (.*)$")
+ENV = re.compile(r"--env-id (\S+)")  # searched in a log's first line, the command
 DOMAINS = ("sim", "real", "eval_shift")
 METHODS = ("real-only", "sft-cotrain", "rl-co", "rl-sim-only")
 
@@ -32,7 +35,7 @@ def evals(path: Path):
 
 
 def main(log_dir: Path, out_dir=Path("results/rl_cotrain")):
-    rows = []
+    rows, env_ids = [], set()
     for log in sorted(log_dir.glob("*_s*.log")):
         mode, seed = log.stem.rsplit("_s", 1)
         ev = evals(log)
@@ -42,6 +45,9 @@ def main(log_dir: Path, out_dir=Path("results/rl_cotrain")):
             continue
         step, final = ev[-1]
         rows.append({"method": mode, "seed": int(seed), "rl_steps": step, **final})
+        if mode == "rl-co" and ev[0][0] == 0 and not (log_dir / f"sft-cotrain_s{seed}.log").exists():
+            rows.append({"method": "sft-cotrain", "seed": int(seed), "rl_steps": 0, **ev[0][1]})
+        env_ids.add(ENV.search(log.read_text().splitlines()[0] + " --env-id PickCube-v1")[1])
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["method", "seed", "rl_steps", *DOMAINS])
@@ -71,13 +77,15 @@ def main(log_dir: Path, out_dir=Path("results/rl_cotrain")):
     ax.set_xticks(x, [f"{s['method']}\n(n={s['seeds']})" for s in summary])
     ax.set_ylabel("success rate (deterministic policy)")
     ax.set_ylim(0, 1)
-    ax.set_title("PickCube-v1: sim / shifted 'real' / unseen shift success, mean ± std over seeds")
+    ax.set_title(
+        f"{', '.join(sorted(env_ids))}: sim / shifted 'real' / unseen shift success, mean ± std over seeds"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "success.png", dpi=110)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        raise SystemExit("usage: python bench/rl_cotrain_results.py LOG_DIR")
-    main(Path(sys.argv[1]))
+    if len(sys.argv) not in (2, 3) or not Path(sys.argv[1]).is_dir():
+        raise SystemExit("usage: python bench/rl_cotrain_results.py LOG_DIR [OUT_DIR]")
+    main(Path(sys.argv[1]), *map(Path, sys.argv[2:]))
