@@ -39,9 +39,10 @@ fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
 for a, (prefix, env_id) in zip(ax, envs, strict=True):
     for label, x, rows in curves(f"results/reinflow/{prefix}_ft_*.csv"):
         a.plot(x, [float(r["eval_return"]) for r in rows], "o-", label=label.removeprefix(f"{prefix}_ft_"))
+    a.axvline(4e5, ls=":", c="gray")  # seed-1 runs were resumed from their 400k checkpoint (README)
     a.set(title=env_id, xlabel="fine-tuning env steps", ylabel="eval return (deterministic ODE)")
     a.legend(fontsize=7)
-fig.suptitle("ReinFlow on MuJoCo from BC on local medium demos (CPU); step 0 = the BC policy")
+fig.suptitle("ReinFlow on MuJoCo from BC on local medium demos (CPU); step 0 = BC; dotted: seed 1 resumed")
 fig.tight_layout()
 fig.savefig("results/reinflow/mujoco.png", dpi=80)
 print("results/reinflow/mujoco.png")
