@@ -55,7 +55,7 @@ def main(p):
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     for run in sorted({r["run"] for r in rows}):
-        name = run.split("__")[1]
+        name = "{1} s{2}".format(*run.split("__"))
         for a, tag, style in (
             (ax, "eval/success_once", "-o"),
             (ax, "eval/success_at_end", "--x"),
