@@ -11,9 +11,9 @@ There is no real robot: "real" is the nominal ManiSkill task with shifted dynami
 controller gain 0.6, one step of action delay, lower cube friction), from which only --real-demos
 demonstrations are used and in which no RL happens. "Sim" is the nominal task (motion-planner demos from
 make_demos.sh, unlimited interaction). Real demos come from a short closed-loop scripted expert
-(scripted_pick_expert, scripted_push_expert) run in the shifted env: it works under the shift, and, like real
-teleoperation vs sim planning, its style differs from the sim demos. Only PickCube-v1 and PushCube-v1 have
-such an expert here.
+(scripted_pick_expert, scripted_push_expert, scripted_stack_expert) run in the shifted env: it works under the
+shift, and, like real teleoperation vs sim planning, its style differs from the sim demos. Only PickCube-v1,
+PushCube-v1 and StackCube-v1 have such an expert here.
 
 Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
@@ -80,7 +80,7 @@ class Args:
 
     # co-training arguments
     env_id: str = "PickCube-v1"
-    """the ManiSkill task id (PickCube-v1 or PushCube-v1: the tasks with a scripted real-domain expert)"""
+    """the ManiSkill task id (PickCube-v1, PushCube-v1 or StackCube-v1: the tasks with a scripted expert)"""
     mode: str = "rl-co"
     """one of real-only, sft-cotrain, rl-co, rl-sim-only"""
     sim_demo_path: str = "demos/PickCube-v1/motionplanning/mp100.state.pd_ee_delta_pos.physx_cpu.h5"
@@ -303,20 +303,45 @@ def make_vec_env(args: Args, shift: dict, evaluation: bool):
     )
 
 
+def hover(tcp: np.ndarray, point: np.ndarray, tol: float = 0.01) -> np.ndarray:
+    """Target 5 cm above point until the tcp is within tol of it in xy, then point itself (descend last)."""
+    xy_far = np.linalg.norm(tcp[:, :2] - point[:, :2], axis=1) > tol
+    return np.where(xy_far[:, None], point + [0.0, 0.0, 0.05], point)
+
+
+def grasp_and_carry(tcp, cube, grasped, carry_target, gain: float = 2.0) -> np.ndarray:
+    """Shared by the pick and stack experts: hover above the cube, descend, close the gripper, then move the
+    grasped cube's tcp to carry_target. Action gain: a move of 0.1 m / gain is action 1."""
+    at_cube = np.linalg.norm(tcp - cube, axis=1) < 0.012
+    target = np.where(grasped[:, None], carry_target, hover(tcp, cube))
+    delta = np.clip((target - tcp) / 0.1 * gain, -1.0, 1.0)
+    delta = np.where(at_cube[:, None] & ~grasped[:, None], 0.0, delta)
+    gripper = np.where((at_cube | grasped)[:, None], -1.0, 1.0)
+    return np.concatenate([delta, gripper], axis=1).astype(np.float32)
+
+
 def scripted_pick_expert(obs: np.ndarray) -> np.ndarray:
     """Closed-loop PickCube expert on pd_ee_delta_pos, from the state observation (batch, 42):
     is_grasped [18], tcp position [19:22], goal [26:29], cube position [29:32].
     Hover above the cube, descend, close the gripper, carry the cube to the goal."""
     grasped, tcp, goal, cube = obs[:, 18] > 0.5, obs[:, 19:22], obs[:, 26:29], obs[:, 29:32]
-    above = cube + np.array([0.0, 0.0, 0.05])
-    xy_far = np.linalg.norm(tcp[:, :2] - cube[:, :2], axis=1) > 0.01
-    at_cube = np.linalg.norm(tcp - cube, axis=1) < 0.012
-    target = np.where(grasped[:, None], goal, np.where(xy_far[:, None], above, cube))
-    delta = np.clip((target - tcp) / 0.1 * 2.0, -1.0, 1.0)
-    closing = (at_cube | grasped)[:, None]
-    delta = np.where(at_cube[:, None] & ~grasped[:, None], 0.0, delta)
-    gripper = np.where(closing, -1.0, 1.0)
-    return np.concatenate([delta, gripper], axis=1).astype(np.float32)
+    return grasp_and_carry(tcp, cube, grasped, goal)
+
+
+def scripted_stack_expert(obs: np.ndarray) -> np.ndarray:
+    """Closed-loop StackCube expert on pd_ee_delta_pos, from the state observation (batch, 48):
+    finger joints [7:9], tcp position [18:21], cubeA position [25:28], cubeB position [32:35] (4 cm cubes).
+    Grasp cubeA as the pick expert does, carry it above cubeB, lower it on top, open the gripper."""
+    fingers, tcp, cube_a, cube_b = obs[:, 7:9].sum(1), obs[:, 18:21], obs[:, 25:28], obs[:, 32:35]
+    # no is_grasped in this obs: fingers closed to less than the cube's diagonal (5.7 cm) and the tcp at cubeA
+    grasped = (fingers < 0.058) & (np.linalg.norm(tcp - cube_a, axis=1) < 0.02)
+    offset = cube_a - cube_b
+    on_b = (np.linalg.norm(offset[:, :2], axis=1) < 0.01) & (offset[:, 2] < 0.045)
+    action = grasp_and_carry(tcp, cube_a, grasped, hover(tcp, cube_b + [0.0, 0.0, 0.04]), gain=1.0)
+    # resting on cubeB: let go, then rise once the fingers have opened (a weak gripper may not clear the cube)
+    action[on_b] = [0.0, 0.0, 0.0, 1.0]
+    action[on_b & (fingers > 0.048), 2] = 0.5
+    return action
 
 
 def scripted_push_expert(obs: np.ndarray) -> np.ndarray:
@@ -333,7 +358,11 @@ def scripted_push_expert(obs: np.ndarray) -> np.ndarray:
     return np.concatenate([delta, -np.ones((len(obs), 1))], 1).astype(np.float32)  # gripper closed
 
 
-EXPERTS = {"PickCube-v1": scripted_pick_expert, "PushCube-v1": scripted_push_expert}
+EXPERTS = {
+    "PickCube-v1": scripted_pick_expert,
+    "PushCube-v1": scripted_push_expert,
+    "StackCube-v1": scripted_stack_expert,
+}
 
 
 def load_sim_demos(path: str, obs_dim: int, act_dim: int):
