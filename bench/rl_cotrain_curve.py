@@ -20,21 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from rl_cotrain_results import DOMAINS, evals, mean_std, write_csv  # noqa: E402  (bench/ is on sys.path)
 
-EVAL = re.compile(r"^eval step=(\d+) (.*)$")
 NAME = re.compile(r"^(?P<mode>[a-z-]+)_n(?P<n>\d+)_s(?P<seed>\d+)$")
-DOMAINS = ("sim", "real", "eval_shift")
 METHODS = ("real-only", "sft-cotrain", "rl-co")
 OUT = Path("results/rl_cotrain")
-
-
-def evals(text: str):
-    out = []
-    for line in text.splitlines():
-        m = EVAL.match(line)
-        if m:
-            out.append((int(m[1]), {k: float(v) for k, v in (kv.split("=") for kv in m[2].split())}))
-    return out
 
 
 def rows_from_logs(log_dir: Path):
@@ -71,23 +61,14 @@ def main(log_dir: Path):
             r[d] = float(r[d])
     rows.sort(key=lambda r: (METHODS.index(r["method"]), r["real_demos"], r["seed"]))
     cols = ["method", "real_demos", "seed", "rl_steps", *DOMAINS, "source"]
-    with open(OUT / "curve_runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, cols)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(OUT / "curve_runs.csv", rows, cols)
     summary = []
     for m in METHODS:
         for n in sorted({r["real_demos"] for r in rows if r["method"] == m}):
             rs = [r for r in rows if r["method"] == m and r["real_demos"] == n]
-            entry = {"method": m, "real_demos": n, "seeds": " ".join(str(r["seed"]) for r in rs)}
-            for d in DOMAINS:
-                v = np.array([r[d] for r in rs])
-                entry[f"{d}_mean"], entry[f"{d}_std"] = round(v.mean(), 3), round(v.std(), 3)
-            summary.append(entry)
-    with open(OUT / "curve_summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
+            seeds = " ".join(str(r["seed"]) for r in rs)
+            summary.append({"method": m, "real_demos": n, "seeds": seeds, **mean_std(rs)})
+    write_csv(OUT / "curve_summary.csv", summary)
     for s in summary:
         print(s)
 

@@ -25,47 +25,55 @@ DOMAINS = ("sim", "real", "eval_shift")
 METHODS = ("real-only", "sft-cotrain", "rl-co", "rl-sim-only")
 
 
-def evals(path: Path):
+def evals(text: str):
+    """The (step, {domain: success}) of every "eval step=..." line of a log."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         m = EVAL.match(line)
         if m:
             out.append((int(m[1]), {k: float(v) for k, v in (kv.split("=") for kv in m[2].split())}))
     return out
 
 
+def mean_std(runs) -> dict:
+    """{domain}_mean and {domain}_std of the runs' success, over seeds."""
+    out = {}
+    for d in DOMAINS:
+        v = np.array([r[d] for r in runs])
+        out[f"{d}_mean"], out[f"{d}_std"] = round(v.mean(), 3), round(v.std(), 3)
+    return out
+
+
+def write_csv(path, rows, cols=None):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, cols or list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main(log_dir: Path, out_dir=Path("results/rl_cotrain")):
     rows, env_ids = [], set()
     for log in sorted(log_dir.glob("*_s*.log")):
         mode, seed = log.stem.rsplit("_s", 1)
-        ev = evals(log)
-        done = "DONE rc=0" in log.read_text()
-        if not ev or not done:
+        text = log.read_text()
+        ev = evals(text)
+        if not ev or "DONE rc=0" not in text:
             print(f"skipping unfinished {log.name}")
             continue
         step, final = ev[-1]
         rows.append({"method": mode, "seed": int(seed), "rl_steps": step, **final})
         if mode == "rl-co" and ev[0][0] == 0 and not (log_dir / f"sft-cotrain_s{seed}.log").exists():
             rows.append({"method": "sft-cotrain", "seed": int(seed), "rl_steps": 0, **ev[0][1]})
-        env_ids.add(ENV.search(log.read_text().splitlines()[0] + " --env-id PickCube-v1")[1])
+        env_ids.add(ENV.search(text.splitlines()[0] + " --env-id PickCube-v1")[1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["method", "seed", "rl_steps", *DOMAINS])
-        w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["seed"])))
+    rows.sort(key=lambda r: (METHODS.index(r["method"]), r["seed"]))
+    write_csv(out_dir / "runs.csv", rows, ["method", "seed", "rl_steps", *DOMAINS])
     summary = []
     for m in METHODS:
         rs = [r for r in rows if r["method"] == m]
         if rs:
-            entry = {"method": m, "seeds": len(rs)}
-            for d in DOMAINS:
-                v = np.array([r[d] for r in rs])
-                entry[f"{d}_mean"], entry[f"{d}_std"] = round(v.mean(), 3), round(v.std(), 3)
-            summary.append(entry)
-    with open(out_dir / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
+            summary.append({"method": m, "seeds": len(rs), **mean_std(rs)})
+    write_csv(out_dir / "summary.csv", summary)
     for s in summary:
         print(s)
 
