@@ -705,10 +705,9 @@ def main(args: Args):
          {"params": critic.parameters(), "lr": args.critic_learning_rate}], eps=1e-5,
     )  # fmt: skip
     global_step, start_iteration = 0, 1
-    (
-        policy.act_low.copy_(eval_envs.low),
-        policy.act_high.copy_(eval_envs.high),
-    )  # SFT narrows them to the demos' range
+    # the env bounds, until SFT narrows them to the demos' range
+    policy.act_low.copy_(eval_envs.low)
+    policy.act_high.copy_(eval_envs.high)
     if ckpt:
         try:
             policy.load_state_dict(ckpt["policy"])

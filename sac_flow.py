@@ -466,8 +466,9 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
         while not done.all():
             a, _ = policy(torch.as_tensor(np_(obs), dtype=torch.float32, device=device), deterministic=True)
             if episodes is not None:
+                o_np, a_np = np_(obs), np_(a)
                 for i in np.flatnonzero(~done):
-                    steps[i][0].append(np_(obs)[i]), steps[i][1].append(np_(a)[i])
+                    steps[i][0].append(o_np[i]), steps[i][1].append(a_np[i])
             obs, r, term, trunc, info = envs.step(
                 a if envs.__class__.__name__ == "ManiSkillVectorEnv" else np_(a)
             )
@@ -478,7 +479,8 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
                 s_end = np.where(done, s_end, s)
             done |= np_(term).astype(bool) | np_(trunc).astype(bool)
         returns, once, at_end = returns + list(ret), once + list(s_once), at_end + list(s_end)
-        trajs += [(np.stack(o), np.stack(a), g) for (o, a), g in zip(steps, ret, strict=True) if o]
+        if episodes is not None:
+            trajs += [(np.stack(o), np.stack(a), g) for (o, a), g in zip(steps, ret, strict=True)]
     if episodes is not None:
         episodes += trajs[:n_episodes]
     return np.mean(returns[:n_episodes]), np.mean(once[:n_episodes]), np.mean(at_end[:n_episodes])
@@ -587,7 +589,7 @@ def main(args: Args):
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
-    ckpt_path, csv_path = f"runs/{run_name}/ckpt.pt", f"runs/{run_name}/eval.csv"
+    ckpt_path, csv_path, buffer_path = (f"runs/{run_name}/{f}" for f in ("ckpt.pt", "eval.csv", "buffer.pt"))
     n_demo = 0 if demos is None else len(demos["s"])
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps + n_demo), obs_dim, act_dim, device)
     demo_t = None if demos is None else {k: torch.as_tensor(v, device=device) for k, v in demos.items()}
@@ -672,7 +674,7 @@ def main(args: Args):
         )
         if args.save_model:
             save_checkpoint(ckpt_path, step, policy, qf, qf_target, log_alpha, opts, args)
-            atomic_save(rb.state_dict(), os.path.join(os.path.dirname(ckpt_path), "buffer.pt"))
+            atomic_save(rb.state_dict(), buffer_path)
             print(f"checkpoint {ckpt_path}", flush=True)
 
     next_eval = start_step
