@@ -646,6 +646,21 @@ def load_checkpoint(args: Args):
     return ckpt
 
 
+def restore_checkpoint(ckpt, policy, critic, optimizer, args: Args):
+    try:
+        policy.load_state_dict(ckpt["policy"])
+        critic.load_state_dict(ckpt["critic"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(
+            f"error: checkpoint does not fit this model ({str(e).splitlines()[0][:120]})"
+        ) from None
+    # the optimizer state carries the saved run's learning rates: this run's flags win (RL from an SFT ckpt)
+    lrs = (args.learning_rate, args.critic_learning_rate)
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -709,14 +724,7 @@ def main(args: Args):
     policy.act_low.copy_(eval_envs.low)
     policy.act_high.copy_(eval_envs.high)
     if ckpt:
-        try:
-            policy.load_state_dict(ckpt["policy"])
-            critic.load_state_dict(ckpt["critic"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise SystemExit(
-                f"error: checkpoint does not fit this model ({str(e).splitlines()[0][:120]})"
-            ) from None
+        restore_checkpoint(ckpt, policy, critic, optimizer, args)
         global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
     mask = executed_mask(H, A, C, device=device)
 

@@ -163,6 +163,30 @@ def test_pickcube_smoke_then_evaluate_checkpoint(pickcube_demos):
         shutil.rmtree(ckpt.parent, ignore_errors=True)
 
 
+def test_resume_restores_weights_with_this_runs_learning_rates(tmp_path):
+    """RL from an SFT checkpoint (or a resume) runs at the flags' lrs, not the ones saved in the optimizer."""
+
+    def build(lr, critic_lr):
+        policy, critic = fnp.FlowNoisePolicy(5, A, H, K, 0.08, 0.16), fnp.make_critic(5)
+        groups = [{"params": policy.parameters(), "lr": lr}, {"params": critic.parameters(), "lr": critic_lr}]
+        return policy, critic, torch.optim.Adam(groups)
+
+    policy, critic, opt = build(3e-5, 3e-4)
+    critic(torch.randn(2, 5)).sum().backward()
+    opt.step()  # an optimizer with state, as after RL updates
+    fnp.save_checkpoint(tmp_path / "c.pt", policy, critic, opt, fnp.Args(learning_rate=3e-5), 10, 1)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    policy2, critic2, opt2 = build(1.0, 1.0)
+    rl_args = fnp.Args(learning_rate=1e-4, critic_learning_rate=1e-3)
+    fnp.restore_checkpoint(ckpt, policy2, critic2, opt2, rl_args)
+    assert [g["lr"] for g in opt2.param_groups] == [1e-4, 1e-3]
+    assert len(opt2.state) == len(opt.state) > 0
+    for a, b in zip(critic.parameters(), critic2.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(SystemExit, match="^error: checkpoint does not fit this model"):
+        fnp.restore_checkpoint(ckpt, fnp.FlowNoisePolicy(7, A, H, K, 0.08, 0.16), critic2, opt2, fnp.Args())
+
+
 def test_transformer_backbone_offline_and_mujoco_smoke(tmp_path, monkeypatch):
     from transformers import AutoModel, LlamaConfig
 
