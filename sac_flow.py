@@ -12,9 +12,12 @@ Policy: K Euler steps, t_k = k/K, Δt = 1/K, from x_0 ~ N(0, I), with Gaussian n
     a       = c ⊙ tanh(x_K) + b         (c, b: half range and centre of the action box)
 with σ_θ(s) = exp(log σ_min + (log σ_max − log σ_min)(tanh(·) + 1)/2), learned and shared by the K steps
 (as the official Flow-G code). The velocity v_θ comes in three forms (--velocity):
-    naive: v_θ = MLP(t_k, x_k, s)                                  plain flow policy (unstable baseline)
-    g:     v_θ = g_k ⊙ (ĉ_k − x_k),  g_k = sigmoid(·), ĉ_k = ·   Flow-G, gated like a GRU cell; gate and
-           candidate come from one MLP of (t_k, x_k, s), the gate starts open (bias 5, official code)
+    naive: v_θ = h_k                                               plain flow policy (unstable baseline)
+    g:     v_θ = g_k ⊙ (ĉ_k − x_k),  [g_k logit, ĉ_k] = h_k        Flow-G, gated like a GRU cell; the gate
+           starts open (zero kernel, bias 5, as the official code)
+    where h_k = W_o SiLU(e_s + W_x [x_k, t_k]) is one hidden layer per step (the official gate and candidate
+    nets have one) and e_s = W_s SiLU(W_f s) is computed once per rollout, so a step costs little more than
+    its small matmuls: a K = 4 SAC update is ~1.3x a Gaussian one (bench/sac_flow_speed.py).
     t:     v_θ = W_o LN(z_k), z_k = W_x [x_k, t_k] passed once per step through a pre-norm decoder block
            z += SelfAttn(LN z); z += CrossAttn(LN z, e_s); z += FFN(LN z), e_s an encoding of s (Flow-T)
 Log-likelihood of the sampled action (exact, because each step is Gaussian):
@@ -281,13 +284,13 @@ class FlowPolicy(nn.Module):
             self.W_o = nn.Linear(width, act_dim)
         else:
             out = 2 * act_dim if velocity == "g" else act_dim
-            self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out))
+            self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(width, out))  # SiLU then W_o
             if velocity == "g":  # gate starts open, g_k ≈ 1 (official code: zero kernel, bias 5)
                 nn.init.zeros_(self.mlp[-1].weight[:act_dim])
                 nn.init.constant_(self.mlp[-1].bias[:act_dim], 5.0)
 
     def encode(self, s):
-        """State features used by all K steps: e_s = W_s f(s) and σ(s)."""
+        """State features used by all K steps: e_s = W_s SiLU(W_f s) and σ(s)."""
         f = self.f_s(s)
         u = torch.tanh(self.sigma_head(f))
         log_sigma = self.log_sigma_min + 0.5 * (self.log_sigma_max - self.log_sigma_min) * (u + 1)
@@ -330,15 +333,18 @@ class FlowPolicy(nn.Module):
 
 
 class SoftQ(nn.Module):
-    """Twin Q_1, Q_2 (CleanRL's SoftQNetwork, two of them)."""
+    """Twin Q_1, Q_2: CleanRL's SoftQNetwork with LayerNorm after each hidden layer (ManiSkill's SAC baseline
+    uses q_layer_norm=True by default)."""
 
     def __init__(self, obs_dim, act_dim, hidden):
         super().__init__()
         self.qs = nn.ModuleList(
             nn.Sequential(
                 nn.Linear(obs_dim + act_dim, hidden),
+                nn.LayerNorm(hidden),
                 nn.ReLU(),
                 nn.Linear(hidden, hidden),
+                nn.LayerNorm(hidden),
                 nn.ReLU(),
                 nn.Linear(hidden, 1),
             )
@@ -611,10 +617,12 @@ def main(args: Args):
         q_loss = critic_loss(*qf(s, a), y)
         opts["q"].zero_grad(), q_loss.backward(), opts["q"].step()
         qf.requires_grad_(False)  # the actor loss needs dQ/da, not dQ/dθ_Q
-        a_pi, logp = policy(s)
+        n = len(s)  # one rollout for the SAC states and the demo states of the BC term
+        a_pi, logp = policy(s if bc_batch is None else torch.cat([s, bc_batch[0]]))
+        a_pi, logp, a_bc = a_pi[:n], logp[:n], a_pi[n:]
         pi_loss = actor_loss(logp, *qf(s, a_pi), alpha)
         if bc_batch is not None:
-            pi_loss = pi_loss + args.bc_coef * ((policy(bc_batch[0])[0] - bc_batch[1]) ** 2).sum(-1).mean()
+            pi_loss = pi_loss + args.bc_coef * ((a_bc - bc_batch[1]) ** 2).sum(-1).mean()
         opts["actor"].zero_grad(), pi_loss.backward(), opts["actor"].step()
         qf.requires_grad_(True)
         a_loss = alpha_loss(log_alpha, logp, target_entropy)
