@@ -35,6 +35,9 @@ Multi-task (--env-id A,B,...): sub-env i runs task i mod T, and every observatio
     õ = [o ; 0 … 0 ; onehot(task)] ∈ R^{D_max + T}   (o zero-padded to the largest task's obs dim D_max)
 so policy and critic see the task token; SFT uses the union of one demo file per task; eval is per task.
 
+Reward: sparse (1 at success) by default; --reward-mode normalized_dense --relative-reward gives RLinf's
+PickCube shaping r'_t = r_t - r_{t-1} (r_{-1} = 0), whose episode sum is the last step's dense reward.
+
 Defaults: H = 8, C = 5, K = 4, σ ∈ [0.08, 0.16], token ratios, sparse ManiSkill reward, 100-step episodes,
 2 CPU envs, 100 chunk decisions per env per update, 4 epochs x 4 minibatches, lr 3e-5 (critic 3e-4),
 2 critic-only warm-up updates, γ = 0.99 and λ = 0.95 per chunk step. Evaluation runs the noiseless ODE.
@@ -87,6 +90,9 @@ class Args:
     """ManiSkill controller; must match the demos"""
     reward_mode: str = "sparse"
     """ManiSkill reward: sparse = 1 at success, as πRL fine-tunes on task success (or normalized_dense)"""
+    relative_reward: bool = False
+    """if toggled, the agent gets r_t - r_{t-1} (r_{-1} = 0), RLinf's use_rel_reward: with normalized_dense,
+    a shaping whose episode sum is the last step's reward (1 at success), so hovering near success earns 0"""
     max_episode_steps: int | None = None
     """episode length; none: 100 for ManiSkill (PickCube's motion-planned demos take <= 99), else the env's"""
     num_envs: int = 2
@@ -457,6 +463,8 @@ class VecEnv:
 
     def __init__(self, args: Args, n: int, device, video_dir=None, tokens=(None,)):
         self.device = device
+        self.relative = args.relative_reward
+        self.prev_r = torch.zeros(n, device=device)  # r_{t-1} of each env, for --relative-reward
         self.tasks = args.env_id.split(",")
         T = len(self.tasks)
         self.task_of_env = [i % T for i in range(n)]  # round-robin
@@ -504,6 +512,7 @@ class VecEnv:
         return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, device=self.device).to(dtype)
 
     def reset(self, seed=None):
+        self.prev_r.zero_()
         return self._t(self.envs.reset(seed=seed)[0])
 
     def step(self, a):
@@ -511,12 +520,16 @@ class VecEnv:
         a = torch.maximum(torch.minimum(a, self.high), self.low)
         obs, r, term, trunc, info = self.envs.step(a if self.gpu else a.cpu().numpy())
         success = info.get("success", np.zeros(len(r), bool))
-        return (self._t(obs), self._t(r), self._t(term, torch.bool), self._t(trunc, torch.bool),
+        r = self._t(r)
+        if self.relative:
+            r, self.prev_r = r - self.prev_r, r
+        return (self._t(obs), r, self._t(term, torch.bool), self._t(trunc, torch.bool),
                 self._t(success, torch.bool))  # fmt: skip
 
     def reset_done(self, done, obs):
         if not done.any():
             return obs
+        self.prev_r[done] = 0.0
         if self.gpu:
             return self.envs.reset(options={"env_idx": done.nonzero()[:, 0]})[0]
         return self._t(self.envs.reset(options={"reset_mask": done.cpu().numpy()})[0])

@@ -22,6 +22,10 @@ class Plot:
     """run directories (runs/{run_name})"""
     out: str = "results/flow_noise_ppo/curves"
     """output prefix: writes {out}.csv and {out}.png"""
+    tags: tuple[str, ...] = ()
+    """only these scalar tags go to the CSV (long runs); empty: all"""
+    labels: tuple[str, ...] = ()
+    """legend name per run; empty: the exp name from the run directory"""
 
 
 def main(p: Plot):
@@ -29,7 +33,8 @@ def main(p: Plot):
     for run in p.runs:
         acc = EventAccumulator(run, size_guidance={"scalars": 0}).Reload()
         for tag in acc.Tags()["scalars"]:
-            rows += [(Path(run).name, tag, e.step, e.value) for e in acc.Scalars(tag)]
+            if not p.tags or tag in p.tags:
+                rows += [(Path(run).name, tag, e.step, e.value) for e in acc.Scalars(tag)]
     Path(p.out).parent.mkdir(parents=True, exist_ok=True)
     with open(f"{p.out}.csv", "w", newline="") as f:
         csv.writer(f).writerows([("run", "tag", "env_step", "value"), *rows])
@@ -44,7 +49,8 @@ def main(p: Plot):
         for tag, style in styles:
             pts = sorted((s, v) for r, t, s, v in rows if r == name and t == tag)
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=f"{name.split('__')[1]} {tag}")
+                label = p.labels[i] if p.labels else name.split("__")[1]
+                ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=f"{label} {tag}")
     ax.set_xlabel("env steps of PPO (after SFT at 0)")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.02, 1.02)

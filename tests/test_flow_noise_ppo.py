@@ -187,6 +187,21 @@ def test_resume_restores_weights_with_this_runs_learning_rates(tmp_path):
         fnp.restore_checkpoint(ckpt, fnp.FlowNoisePolicy(7, A, H, K, 0.08, 0.16), critic2, opt2, fnp.Args())
 
 
+def test_relative_reward_is_the_difference_of_consecutive_rewards():
+    """InvertedPendulum pays 1 per step: relative rewards are 1 at an episode's first step, then 0."""
+    envs = fnp.VecEnv(fnp.Args(env_id="InvertedPendulum-v5", relative_reward=True), 2, torch.device("cpu"))
+    try:
+        envs.reset(seed=0)
+        zero = torch.zeros(2, 1)
+        assert envs.step(zero)[1].tolist() == [1.0, 1.0]
+        obs = envs.step(zero)[0]
+        assert envs.step(zero)[1].tolist() == [0.0, 0.0]
+        envs.reset_done(torch.tensor([True, False]), obs)  # a new episode of env 0 starts from r_{-1} = 0
+        assert envs.step(zero)[1].tolist() == [1.0, 0.0]
+    finally:
+        envs.close()
+
+
 def test_transformer_backbone_offline_and_mujoco_smoke(tmp_path, monkeypatch):
     from transformers import AutoModel, LlamaConfig
 
