@@ -99,6 +99,10 @@ class Args:
     """replay buffer capacity"""
     gamma: float | None = None
     """discount (default: 0.8 for ManiSkill like its SAC baseline, 0.99 otherwise)"""
+    bootstrap_at_done: bool | None = None
+    """bootstrap through terminations too (default: on for ManiSkill, as its SAC baseline's "always": there a
+    termination is a success, and cutting the return there values success below hovering near the goal; off
+    for gymnasium, where a termination is a fall)"""
     tau: float = 0.01
     """target network smoothing"""
     batch_size: int = 256
@@ -506,6 +510,8 @@ def main(args: Args):
     device = torch.device("cuda" if gpu else "cpu")
     num_envs = args.num_envs or (512 if gpu and maniskill else 2 if maniskill else 1)
     gamma = args.gamma if args.gamma is not None else (0.8 if maniskill else 0.99)
+    bootstrap_at_done = maniskill if args.bootstrap_at_done is None else args.bootstrap_at_done
+    stop = 0.0 if bootstrap_at_done else 1.0  # d is multiplied by this in the TD targets
     ckpt = load_checkpoint(args.checkpoint, args) if args.checkpoint else None
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -613,7 +619,7 @@ def main(args: Args):
         alpha = log_alpha.exp().detach()
         with torch.no_grad():
             a2, logp2 = policy(s2)
-            y = soft_q_target(r, d, gamma, *qf_target(s2, a2), logp2, alpha)
+            y = soft_q_target(r, stop * d, gamma, *qf_target(s2, a2), logp2, alpha)
         q_loss = critic_loss(*qf(s, a), y)
         opts["q"].zero_grad(), q_loss.backward(), opts["q"].step()
         qf.requires_grad_(False)  # the actor loss needs dQ/da, not dQ/dθ_Q
@@ -646,7 +652,7 @@ def main(args: Args):
             opts["actor"].zero_grad(), fm.backward(), opts["actor"].step()
             with torch.no_grad():
                 a2, _ = policy(s2, deterministic=True)
-                y = soft_q_target(r, d, gamma, *qf_target(s2, a2), torch.zeros_like(r), 0.0)
+                y = soft_q_target(r, stop * d, gamma, *qf_target(s2, a2), torch.zeros_like(r), 0.0)
             q_loss = critic_loss(*qf(s, a), y)
             opts["q"].zero_grad(), q_loss.backward(), opts["q"].step()
             with torch.no_grad():
