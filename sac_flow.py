@@ -25,7 +25,8 @@ Log-likelihood of the sampled action (exact, because each step is Gaussian):
 (the official Flow-T code scores the velocity noise ε_k, which leaves out −log(Δt σ); we use the form above
 for all three velocities.)
 SAC (Haarnoja et al. 2018, with the twin-Q and α-tuning of CleanRL's sac_continuous_action.py):
-    y       = r + γ (1 − d) (min_j Q̄_j(s', a') − α log π(a'|s')),   a' ~ π(·|s')
+    y       = r + γ (1 − d) (min_j Q̄_j(s', a') − α log π(a'|s')),   a' ~ π(·|s')   (d = 0 on ManiSkill, where
+              a termination is a success: ManiSkill's SAC baseline bootstraps through it too)
     L_Q     = Σ_j E[(Q_j(s, a) − y)²]
     L_π     = E[α log π(ã|s) − min_j Q_j(s, ã)] + β E_demo[‖ã(s_d) − a_d‖²]   (β > 0 only with demos)
     L_α     = E[−α (log π(ã|s) + H̄)],   H̄ = −|A| by default
