@@ -26,7 +26,8 @@ class Diag:
     stochastic: bool = False
     """sample the K-step chain with the learned noise (as in PPO rollouts) instead of the noiseless ODE"""
     sigma_min: float = 0.02
-    """σ bounds of the noise head (not stored in the checkpoint: pass the run's)"""
+    """σ bounds of the noise head (the checkpoint's args hold those of the run that saved it, e.g. an SFT
+    run's defaults: pass the bounds whose rollouts you want to see)"""
     sigma_max: float = 0.04
 
 
