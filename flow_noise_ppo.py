@@ -416,6 +416,20 @@ def task_token_obs(obs, task: int, num_tasks: int, pad_to: int) -> np.ndarray:
     return out
 
 
+def make_maniskill(args: Args, env_id: str, video_dir: str | None, **backend):
+    """One ManiSkill env (or, with num_envs=n on physx_cuda, n of them in one scene batch)."""
+    env = gym.make(
+        env_id, obs_mode="state", control_mode=args.control_mode, reward_mode=args.reward_mode,
+        max_episode_steps=args.max_episode_steps or 100, render_mode="rgb_array" if video_dir else None,
+        **backend,
+    )  # fmt: skip
+    if video_dir:
+        from mani_skill.utils.wrappers.record import RecordEpisode
+
+        env = RecordEpisode(env, video_dir, save_trajectory=False)
+    return env
+
+
 def make_env(args: Args, env_id: str, maniskill: bool, video_dir: str | None = None, token=None):
     """token = (task, num_tasks, pad_to): the env returns task_token_obs of its observations."""
 
@@ -424,17 +438,9 @@ def make_env(args: Args, env_id: str, maniskill: bool, video_dir: str | None = N
             import mani_skill.envs  # noqa: F401  (registers the ids in the subprocess)
             from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-            env = gym.make(
-                env_id, obs_mode="state", sim_backend="physx_cpu", render_backend="cpu",
-                control_mode=args.control_mode, reward_mode=args.reward_mode,
-                max_episode_steps=args.max_episode_steps or 100,
-                render_mode="rgb_array" if video_dir else None,
-            )  # fmt: skip
-            if video_dir:
-                from mani_skill.utils.wrappers.record import RecordEpisode
-
-                env = RecordEpisode(env, video_dir, save_trajectory=False)
-            env = CPUGymWrapper(env)
+            env = CPUGymWrapper(
+                make_maniskill(args, env_id, video_dir, sim_backend="physx_cpu", render_backend="cpu")
+            )
         else:
             env = gym.make(env_id, max_episode_steps=args.max_episode_steps,
                            render_mode="rgb_array" if video_dir else None)  # fmt: skip
@@ -473,16 +479,7 @@ class VecEnv:
         if self.gpu:  # physx_cuda: all envs in this process, tensors stay on the GPU
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-            env = gym.make(
-                args.env_id, num_envs=n, obs_mode="state", sim_backend="physx_cuda",
-                control_mode=args.control_mode, reward_mode=args.reward_mode,
-                max_episode_steps=args.max_episode_steps or 100,
-                render_mode="rgb_array" if video_dir else None,
-            )  # fmt: skip
-            if video_dir:
-                from mani_skill.utils.wrappers.record import RecordEpisode
-
-                env = RecordEpisode(env, video_dir, save_trajectory=False)
+            env = make_maniskill(args, args.env_id, video_dir, num_envs=n, sim_backend="physx_cuda")
             self.envs = ManiSkillVectorEnv(
                 env, n, auto_reset=False, ignore_terminations=False, record_metrics=False
             )
@@ -570,9 +567,8 @@ def load_demos(path, args: Args, obs_dim, act_dim, token=None):
             if (
                 not hasattr(o, "shape")
                 or o.ndim != 2
-                or o.shape[1] != obs_dim
                 or a.ndim != 2
-                or a.shape[1] != act_dim
+                or (o.shape[1], a.shape[1]) != (obs_dim, act_dim)
             ):
                 raise SystemExit(
                     f"error: {path}:{k} has obs {getattr(o, 'shape', 'dict')} / actions {a.shape}, env needs "
@@ -598,11 +594,8 @@ def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
         first = False
         N = obs.shape[0]
         ret = torch.zeros(N, device=obs.device)
-        once, at_end = (
-            torch.zeros(N, dtype=torch.bool, device=obs.device),
-            torch.zeros_like(ret, dtype=torch.bool),
-        )
-        alive = torch.ones_like(once)
+        once = torch.zeros(N, dtype=torch.bool, device=obs.device)
+        at_end, alive = once.clone(), ~once
         while alive.any():
             x = policy.sample(obs, stochastic=False)[0][:, -1]
             for j in range(C):
