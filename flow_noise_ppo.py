@@ -421,6 +421,7 @@ def make_maniskill(args: Args, env_id: str, video_dir: str | None, **backend):
     env = gym.make(
         env_id, obs_mode="state", control_mode=args.control_mode, reward_mode=args.reward_mode,
         max_episode_steps=args.max_episode_steps or 100, render_mode="rgb_array" if video_dir else None,
+        enhanced_determinism=True,  # else unseeded resets use the worker process's unseeded torch RNG
         **backend,
     )  # fmt: skip
     if video_dir:

@@ -448,6 +448,7 @@ def make_single_env(env_id, kind, control_mode, reward_mode, max_episode_steps):
     kw = dict(
         obs_mode="state", sim_backend="physx_cpu", render_backend="cpu", max_episode_steps=max_episode_steps
     )
+    kw |= dict(enhanced_determinism=True)  # else unseeded resets use the worker's unseeded torch RNG
     return CPUGymWrapper(gym.make(env_id, control_mode=control_mode, reward_mode=reward_mode, **kw))
 
 
@@ -465,6 +466,7 @@ def make_vector_env(args, kind, num_envs, device):
             control_mode=args.control_mode,
             reward_mode=args.reward_mode,
             max_episode_steps=steps,
+            enhanced_determinism=True,
         )
         return ManiSkillVectorEnv(
             env, num_envs, auto_reset=False, ignore_terminations=False, record_metrics=False

@@ -237,6 +237,7 @@ def make_env(
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
         kw = dict(obs_mode="state", control_mode=control_mode, reward_mode="normalized_dense")
+        kw |= dict(enhanced_determinism=True)  # else unseeded resets use the worker's unseeded torch RNG
         kw |= dict(max_episode_steps=max_episode_steps) if max_episode_steps else {}
         if gpu_envs:
             kw |= dict(num_envs=gpu_envs, sim_backend="physx_cuda")

@@ -233,7 +233,7 @@ def make_env(env_id: str, shift: dict, max_episode_steps: int, evaluation: bool)
 
         env = gym.make(env_id, obs_mode="state", sim_backend="physx_cpu", render_backend="cpu",
                        control_mode="pd_ee_delta_pos", reward_mode="normalized_dense",
-                       max_episode_steps=max_episode_steps)  # fmt: skip
+                       max_episode_steps=max_episode_steps, enhanced_determinism=True)  # fmt: skip
         env = CPUGymWrapper(env, ignore_terminations=evaluation, record_metrics=True)
         return ShiftWrapper(env, shift)
 
@@ -250,7 +250,7 @@ class GPUShiftVecEnv:
 
         env = gym.make(args.env_id, num_envs=args.num_envs, obs_mode="state", sim_backend="physx_cuda",
                        control_mode="pd_ee_delta_pos", reward_mode="normalized_dense",
-                       max_episode_steps=args.max_episode_steps)  # fmt: skip
+                       max_episode_steps=args.max_episode_steps, enhanced_determinism=True)  # fmt: skip
         self.env = ManiSkillVectorEnv(env, args.num_envs, ignore_terminations=evaluation, record_metrics=True)
         self.num_envs = args.num_envs
         self.single_observation_space = self.env.single_observation_space

@@ -161,6 +161,7 @@ def make_env(args: Args, evaluation: bool, run_name: str, video: bool = False):
             from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
             kw = dict(obs_mode="state", sim_backend="physx_cpu", render_backend="cpu")
+            kw |= dict(enhanced_determinism=True)  # else unseeded resets use the worker's unseeded torch RNG
             env = gym.make(
                 args.env_id,
                 control_mode=args.control_mode,
@@ -199,6 +200,7 @@ def make_envs(args: Args, n: int, evaluation: bool, run_name: str, gpu: bool):
             sim_backend="physx_cuda",
             control_mode=args.control_mode,
             reward_mode="normalized_dense",
+            enhanced_determinism=True,
             **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}),
         )
         return ManiSkillVectorEnv(env, n, ignore_terminations=evaluation, record_metrics=True)
