@@ -8,7 +8,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 import tyro
@@ -37,11 +36,12 @@ def main(d: Diag):
 
     ckpt = torch.load(d.checkpoint, map_location="cpu", weights_only=False)
     a = ckpt["args"]
-    env = gym.make(
-        "PickCube-v1", obs_mode="state", sim_backend="physx_cpu", render_backend="cpu",
-        control_mode=a["control_mode"], reward_mode="sparse", max_episode_steps=a["max_episode_steps"] or 100,
-    )  # fmt: skip
-    env = CPUGymWrapper(env)
+    env_args = fnp.Args(
+        control_mode=a["control_mode"], reward_mode="sparse", max_episode_steps=a["max_episode_steps"]
+    )
+    env = CPUGymWrapper(
+        fnp.make_maniskill(env_args, "PickCube-v1", None, sim_backend="physx_cpu", render_backend="cpu")
+    )
     D, A = env.observation_space.shape[0], env.action_space.shape[0]
     policy = fnp.FlowNoisePolicy(D, A, a["action_horizon"], a["denoising_steps"], d.sigma_min, d.sigma_max)
     policy.load_state_dict(ckpt["policy"])
