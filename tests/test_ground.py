@@ -1,8 +1,12 @@
 """The ground every script stands on: the CPU simulator starts and offline demos have ManiSkill's format."""
 
 import json
+import subprocess
 
 import h5py
+import pytest
+import torch
+from conftest import ROOT
 
 
 def test_maniskill_runs_on_cpu():
@@ -37,3 +41,14 @@ def test_demos_have_maniskill_format(pickcube_demos):
             obs, actions = f[key]["obs"], f[key]["actions"]
             assert obs.shape[0] == actions.shape[0] + 1 and obs.shape[1] == 42 and actions.shape[1] == 4
             assert bool(f[key]["success"][-1])
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu_check.sh would run the real check")
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no GPU" in result.stdout
+    assert not (ROOT / "runs" / "gpu_check").exists()
