@@ -1,8 +1,9 @@
 """Beta Vector Value Iteration (BVVI): risk-sensitive RL in a tabular POMDP with hindsight observation.
 
 Paper: T. Zhang, Y. Chen, L. Huang, "Provably Efficient Partially Observable Risk-Sensitive Reinforcement
-Learning with Hindsight Observation", ICML 2024 (arXiv:2402.18149), Algorithm 1 (BVVI). No code was released
-with the paper; this file is a from-scratch numpy implementation.
+Learning with Hindsight Observation", ICML 2024 (arXiv:2402.18149), Algorithm 1 (BVVI). The authors' code is
+github.com/Tonghe-Zhang/BVVI (torch, Python loops over histories); this file is a separate numpy
+implementation (where the two differ, and why, is in the README).
 
 Setting. Episodic POMDP with hidden states s in [S], observations o in [O], actions a in [A],
 horizon H, K episodes; initial law mu_1(s), transitions T_h(s'|s,a), emissions O_h(o|s), rewards
@@ -47,8 +48,8 @@ Regret bound (main theorem, as stated in the abstract):
 
 Provenance of details, honestly: the name, objective, change of measure and bound are from the paper's
 abstract/summary. The residue constants (3, S H iota, O H iota), the |e^{gamma(H-h+1)} - 1| factor, the
-sign(gamma) bonus and the clipping range were read from a public experimental BVVI script that cites the
-paper's Algorithm 1 line numbers; I could not read the PDF body to confirm them. Derived by me: the
+sign(gamma) bonus and the clipping range were read from the authors' BVVI.py, which cites the paper's
+Algorithm 1 line numbers; I could not read the PDF body to confirm them. Derived by me: the
 identity behind the cheaper form of Q_h; that Q-hat_h includes the step-h bonus b_h(.,a) of each
 candidate a (the script's line-19 form (1/O) sum_o' <sigma_{h+1}, beta_{h+1}> adds b_h only after a is
 chosen; including it is what makes Q-hat_h >= Q*_h for every a, as optimism needs, and with b = 0 the two
@@ -59,16 +60,31 @@ value units: alpha vectors alpha_h = r_h(s,a) + T-hat O-hat alpha_{h+1}, bonus (
 clip [0, H-h+1]; its policies are scored by the same entropic J_gamma.
 
 Exact planning enumerates all O^H A^H (history, action) pairs per episode, exponential in H; the script
-refuses sizes above --max-pairs. Tiger (--env tiger): S=2 (tiger left/right), A=3 (listen, open left,
-open right), O=2 (hear left/right, correct w.p. 0.85); rewards listen -1, right door +10, tiger -100,
-mapped affinely to [0,1]; opening re-places the tiger uniformly. The paper's emissions depend on the state
-only, so unlike the classic Tiger an observation after opening is informative about the new state.
+refuses sizes above --max-pairs. Every array may carry leading batch axes (one row per seed): the seeds of a
+run are learned together, one vectorised planner call per episode. Tiger (--env tiger): S=2 (tiger
+left/right), A=3 (listen, open left, open right), O=2 (hear left/right, correct w.p. 0.85); rewards listen -1,
+right door +10, tiger -100, mapped affinely to [0,1]; opening re-places the tiger uniformly. The paper's
+emissions depend on the state only, so unlike the classic Tiger an observation after opening is informative
+about the new state.
+
+Instances where risk decides (H = 2, O = 2, A = 2; returns in [0, 2]; exact gaps in the README):
+- gamble (S=5: good, bad market; won, lost, safe): a weak forecast o_1 of the market (right w.p. 0.55, prior
+  1/2). a=0 (safe) pays 0.46 now and 0.46 next step; a=1 (gamble) pays 1 + 1 in a good market and 0 + 0 in a
+  bad one. Risk neutral: gamble on a good forecast only; gamma = -2: never gamble; gamma = +2: always gamble.
+- scout (S=4: tiger left/right unscouted, left/right scouted): a hint o_h, right w.p. 0.65, at each step. Step
+  1: a=0 scouts (pays 0; the next observation then shows the side exactly), a=1 rushes (pays 0.45); step 2:
+  open a door (right door 1, wrong 0). Scouting guarantees 1, rushing is 0.45 + Bernoulli(~0.65): the neutral
+  and the risk-seeking optimum rush, the risk-averse one (gamma = -2) scouts: information pays only for gamma
+  < 0.
+- public: the instance shipped with the authors' code (github.com/Tonghe-Zhang/BVVI, main.py/utils.py
+  manual_initialization, stochastic transitions, perturbed emissions, 0/1 rewards): S=3, O=3, A=2, s_1 = 0,
+  T(.|s) the same for both actions, s -> s+1 mod 3 w.p. 0.95/0.94/0.89, r(s,a) = 1 iff a = s mod 2.
 """
 
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, NoReturn
 
 import numpy as np
 import tyro
@@ -81,9 +97,10 @@ class Args:
     seed: int = 1
     """seed of the first run (environment instance and episodes)"""
     num_seeds: int = 1
-    """runs with seeds seed, seed+1, ...; each seed draws its own random POMDP"""
-    env: Literal["random", "tiger"] = "random"
-    """random: Dirichlet(1) transitions/emissions, U[0,1] rewards; tiger: classic Tiger (sizes fixed)"""
+    """runs with seeds seed, seed+1, ..., learned together; each seed draws its own random POMDP"""
+    env: Literal["random", "tiger", "gamble", "scout", "public"] = "random"
+    """random: Dirichlet(1) transitions/emissions, U[0,1] rewards; tiger, gamble, scout, public: the fixed
+    instances of the module docstring (gamble and scout have H = 2 whatever --horizon says)"""
     gamma: float = -1.0
     """entropic risk parameter of the objective (< 0 risk averse, > 0 risk seeking)"""
     learner: Literal["bvvi", "neutral"] = "bvvi"
@@ -91,7 +108,7 @@ class Args:
     episodes: int = 2000
     """number of episodes K"""
     horizon: int = 3
-    """horizon H"""
+    """horizon H (random, tiger, public)"""
     num_states: int = 3
     """number of hidden states S (random env)"""
     num_obs: int = 2
@@ -113,10 +130,10 @@ class Args:
 
 
 class Pomdp(NamedTuple):
-    mu: np.ndarray  # (S,) initial law mu_1
-    T: np.ndarray  # (H, S, A, S) T_h(s'|s,a)
-    O: np.ndarray  # (H, S, O) O_h(o|s)
-    r: np.ndarray  # (H, S, A) r_h(s,a) in [0,1]
+    mu: np.ndarray  # (..., S) initial law mu_1
+    T: np.ndarray  # (..., H, S, A, S) T_h(s'|s,a)
+    O: np.ndarray  # (..., H, S, O) O_h(o|s)
+    r: np.ndarray  # (..., H, S, A) r_h(s,a) in [0,1]
 
 
 def make_random_pomdp(nS: int, nO: int, nA: int, H: int, rng: np.random.Generator) -> Pomdp:
@@ -144,54 +161,114 @@ def make_tiger(H: int, accuracy: float = 0.85) -> Pomdp:
     )
 
 
+def make_gamble(accuracy: float = 0.55, safe: float = 0.46) -> Pomdp:
+    good, bad, won, lost, safe_path = range(5)
+    T = np.zeros((2, 5, 2, 5))
+    T[:, :, :, safe_path] = 1.0  # a=0 at step 1 takes the safe path
+    T[0, good, 1], T[0, bad, 1] = np.eye(5)[won], np.eye(5)[lost]
+    T[:, won:] = np.eye(5)[won:, None, :]  # the outcome stays
+    O = np.full((2, 5, 2), 0.5)  # step 2 observations carry nothing
+    O[0, good], O[0, bad] = [accuracy, 1 - accuracy], [1 - accuracy, accuracy]
+    r = np.zeros((2, 5, 2))
+    r[0, :, 0], r[0, good, 1] = safe, 1.0
+    r[1, won], r[1, safe_path] = 1.0, safe
+    return Pomdp(mu=np.array([0.5, 0.5, 0, 0, 0]), T=T, O=O, r=r)
+
+
+def make_scout(accuracy: float = 0.65, rush: float = 0.45) -> Pomdp:
+    T = np.zeros((2, 4, 2, 4))
+    T[0, :2, 0, 2:] = np.eye(2)  # scouting: left -> scouted left, right -> scouted right
+    T[0, :2, 1, :2] = np.eye(2)  # rushing keeps the side unscouted
+    T[0, 2:], T[1] = np.eye(4)[2:, None, :], np.eye(4)[:, None, :]  # then nothing moves
+    hint = np.array([[accuracy, 1 - accuracy], [1 - accuracy, accuracy]])
+    O = np.repeat(np.concatenate([hint, np.eye(2)])[None], 2, 0)
+    r = np.zeros((2, 4, 2))
+    r[0, :2, 1] = rush
+    r[1, [0, 2], 0] = r[1, [1, 3], 1] = 1.0  # a = the side of the right door
+    return Pomdp(mu=np.array([0.5, 0.5, 0, 0]), T=T, O=O, r=r)
+
+
+def make_public(H: int) -> Pomdp:
+    T = np.array([[0.03, 0.95, 0.02], [0.04, 0.02, 0.94], [0.89, 0.10, 0.01]])  # T(s'|s), rows s
+    O = np.array([[0.83, 0.05, 0.02], [0.08, 0.79, 0.09], [0.09, 0.06, 0.89]])
+    O = O / O.sum(1, keepdims=True)  # the repository normalises these rows the same way
+    r = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    return Pomdp(
+        mu=np.array([1.0, 0, 0]),
+        T=np.repeat(np.repeat(T[:, None], 2, 1)[None], H, 0),
+        O=np.repeat(O[None], H, 0),
+        r=np.repeat(r[None], H, 0),
+    )
+
+
+def make_env(args: "Args", seed: int) -> Pomdp:
+    """The true POMDP of one run (only --env random depends on the seed)."""
+    if args.env == "random":
+        rng = np.random.default_rng(seed)
+        return make_random_pomdp(args.num_states, args.num_obs, args.num_actions, args.horizon, rng)
+    if args.env == "tiger":
+        return make_tiger(args.horizon)
+    if args.env == "public":
+        return make_public(args.horizon)
+    return make_gamble() if args.env == "gamble" else make_scout()
+
+
 def sign(gamma: float) -> float:
     """Direction of optimisation for <sigma, beta>; gamma = 0 means alpha vectors (maximise)."""
     return -1.0 if gamma < 0 else 1.0
 
 
 def risk_beliefs(model: Pomdp, gamma: float) -> list[np.ndarray]:
-    """sigma_h for h = 1..H, each (|F_h|, S); history index i_{h+1} = (i_h * A + a) * O + o'."""
-    H, nS, nA = model.r.shape
-    nO = model.O.shape[2]
-    sigma = [nO * (model.O[0] * model.mu[:, None]).T]  # (O, S)
+    """sigma_h for h = 1..H, each (..., |F_h|, S); history index i_{h+1} = (i_h * A + a) * O + o'."""
+    H, nS, nA = model.r.shape[-3:]
+    nO = model.O.shape[-1]
+    sigma = [nO * np.swapaxes(model.O[..., 0, :, :] * model.mu[..., :, None], -1, -2)]  # (..., O, S)
     for h in range(H - 1):
         # m[i,a,s'] = sum_s sigma(i,s) exp(gamma r_h(s,a)) T_h(s'|s,a)
-        m = np.einsum("is,sa,sat->iat", sigma[h], np.exp(gamma * model.r[h]), model.T[h])
-        nxt = nO * m[:, :, None, :] * model.O[h + 1].T[None, None]  # (i, a, o', s')
-        sigma.append(nxt.reshape(-1, nS))
+        m = np.einsum(
+            "...is,...sa,...sat->...iat",
+            sigma[h],
+            np.exp(gamma * model.r[..., h, :, :]),
+            model.T[..., h, :, :, :],
+        )
+        emit = np.swapaxes(model.O[..., h + 1, :, :], -1, -2)[..., None, None, :, :]  # (..., 1, 1, o', s')
+        nxt = nO * m[..., :, :, None, :] * emit
+        sigma.append(nxt.reshape(*nxt.shape[:-4], -1, nS))
     return sigma
 
 
 def backup(beta_next: np.ndarray | None, model: Pomdp, h: int, gamma: float) -> np.ndarray:
-    """beta^a_{h,f}(s) for every history f at step h and action a -> (|F_h|, A, S), no bonus, no clip."""
-    H, nS, nA = model.r.shape
-    nO = model.O.shape[2]
+    """beta^a_{h,f}(s) for every history f at step h and action a -> (..., |F_h|, A, S), no bonus, no clip."""
+    H, nS, nA = model.r.shape[-3:]
+    nO = model.O.shape[-1]
     if beta_next is None:  # h = H: beta_{H+1} = 1 (alpha_{H+1} = 0)
         cont = np.full((nO * (nO * nA) ** h, nA, nS), 0.0 if gamma == 0 else 1.0)
     else:
         # cont[i,a,s] = sum_{s'} T_h(s'|s,a) sum_{o'} O_{h+1}(o'|s') beta_{h+1,(i,a,o')}(s')
-        emitted = np.einsum("to,iaot->iat", model.O[h + 1], beta_next.reshape(-1, nA, nO, nS))
-        cont = np.einsum("sat,iat->ias", model.T[h], emitted)
-    if gamma == 0:
-        return model.r[h].T[None] + cont
-    return np.exp(gamma * model.r[h]).T[None] * cont
+        beta_next = beta_next.reshape(*beta_next.shape[:-2], -1, nA, nO, nS)
+        emitted = np.einsum("...to,...iaot->...iat", model.O[..., h + 1, :, :], beta_next)
+        cont = np.einsum("...sat,...iat->...ias", model.T[..., h, :, :, :], emitted)
+    r = np.swapaxes(model.r[..., h, :, :], -1, -2)[..., None, :, :]  # (..., 1, A, S)
+    return r + cont if gamma == 0 else np.exp(gamma * r) * cont
 
 
-def value_from_level1(sigma1: np.ndarray, beta1: np.ndarray, gamma: float) -> float:
-    """J = (1/gamma) log E'_{o_1}<sigma_1, beta_1>; for gamma = 0 the same average is E[sum r]."""
-    w = np.mean(np.sum(sigma1 * beta1, axis=1))
-    return float(w) if gamma == 0 else float(np.log(w) / gamma)
+def value_from_level1(sigma1: np.ndarray, beta1: np.ndarray, gamma: float) -> np.ndarray:
+    """J = (1/gamma) log E'_{o_1}<sigma_1, beta_1> per batch row; for gamma = 0 the average is E[sum r]."""
+    w = np.mean(np.sum(sigma1 * beta1, axis=-1), axis=-1)
+    return w if gamma == 0 else np.log(w) / gamma
 
 
-def evaluate(model: Pomdp, policy: list[np.ndarray], gamma: float, sigma1: np.ndarray | None = None) -> float:
+def evaluate(
+    model: Pomdp, policy: list[np.ndarray], gamma: float, sigma1: np.ndarray | None = None
+) -> np.ndarray:
     """Exact J_gamma(pi) of a history-dependent policy by the beta-vector recursion.
 
-    policy[h] is (|F_h|,) actions (deterministic) or (|F_h|, A) probabilities pi_h(a|f_h)."""
-    H, nS, nA = model.r.shape
+    policy[h] is (..., |F_h|) integer actions (deterministic) or (..., |F_h|, A) probabilities pi_h(a|f_h)."""
+    H, nS, nA = model.r.shape[-3:]
     beta = None
     for h in reversed(range(H)):
-        pi = np.eye(nA)[policy[h]] if policy[h].ndim == 1 else policy[h]
-        beta = np.einsum("ia,ias->is", pi, backup(beta, model, h, gamma))
+        pi = np.eye(nA)[policy[h]] if np.issubdtype(policy[h].dtype, np.integer) else policy[h]
+        beta = np.einsum("...ia,...ias->...is", pi, backup(beta, model, h, gamma))
     if sigma1 is None:
         sigma1 = risk_beliefs(model, gamma)[0]
     return value_from_level1(sigma1, beta, gamma)
@@ -199,40 +276,44 @@ def evaluate(model: Pomdp, policy: list[np.ndarray], gamma: float, sigma1: np.nd
 
 def plan(
     model: Pomdp, gamma: float, bonus: np.ndarray | None = None, rng: np.random.Generator | None = None
-) -> tuple[list[np.ndarray], float]:
-    """Optimistic beta-vector value iteration on `model` with bonus b (H, S, A); None = exact planning.
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Optimistic beta-vector value iteration on `model` with bonus b (..., H, S, A); None = exact planning.
 
     Returns the greedy deterministic policy (actions per history, per step) and its optimistic value.
     With rng, ties are broken uniformly at random: early on every optimistic beta sits at the clip bound,
     and a fixed tie-break would keep playing action 0 until its bonus shrinks."""
-    H, nS, nA = model.r.shape
+    H, nS, nA = model.r.shape[-3:]
     sigma = risk_beliefs(model, gamma)
     policy, beta = [None] * H, None
     for h in reversed(range(H)):
-        beta_a = backup(beta, model, h, gamma)  # (i, a, s)
+        beta_a = backup(beta, model, h, gamma)  # (..., i, a, s)
         if bonus is not None:
             n = H - h  # remaining steps H - h + 1 in the paper's 1-based h
             lo, hi = (0.0, n) if gamma == 0 else (np.exp(min(gamma, 0) * n), np.exp(max(gamma, 0) * n))
-            beta_a = np.clip(beta_a + sign(gamma) * bonus[h].T[None], lo, hi)
-        q = sign(gamma) * np.einsum("is,ias->ia", sigma[h], beta_a)  # monotone in Q_h(f_h, a)
+            b = np.swapaxes(bonus[..., h, :, :], -1, -2)[..., None, :, :]  # (..., 1, A, S)
+            beta_a = np.clip(beta_a + sign(gamma) * b, lo, hi)
+        q = sign(gamma) * np.einsum("...is,...ias->...ia", sigma[h], beta_a)  # monotone in Q_h(f_h, a)
         if rng is not None:
-            q = np.where(q >= q.max(1, keepdims=True) - 1e-12, rng.random(q.shape), -1.0)
-        policy[h] = np.argmax(q, axis=1)
-        beta = beta_a[np.arange(len(q)), policy[h]]
+            q = np.where(q >= q.max(-1, keepdims=True) - 1e-12, rng.random(q.shape), -1.0)
+        policy[h] = np.argmax(q, axis=-1)
+        beta_a = np.broadcast_to(beta_a, q.shape + (nS,))
+        beta = np.take_along_axis(beta_a, policy[h][..., None, None], axis=-2)[..., 0, :]
     return policy, value_from_level1(sigma[0], beta, gamma)
 
 
 def bonus(
     N_sa: np.ndarray, N_s: np.ndarray, T_hat: np.ndarray, nO: int, gamma: float, iota: float
 ) -> np.ndarray:
-    """b_h^k(s,a) of Algorithm 1 (before --bonus-scale): N_sa (H,S,A) = N_h(s,a), N_s (H,S) = N_h(s).
+    """b_h^k(s,a) of Algorithm 1 (before --bonus-scale): N_sa (...,H,S,A) = N_h(s,a), N_s (...,H,S) = N_h(s).
 
     Infinite counts (the exact model) give b = 0; gamma = 0 gives the risk-neutral (H-h+1) factor."""
-    H, nS, nA = N_sa.shape
+    H, nS, nA = N_sa.shape[-3:]
     t = np.minimum(1.0, 3 * np.sqrt(nS * H * iota / np.maximum(N_sa, 1)))
     o = np.minimum(1.0, 3 * np.sqrt(nO * H * iota / np.maximum(N_s, 1)))
-    o_next = np.concatenate([o[1:], np.zeros((1, nS))])  # o_{H+1} = 0: beta_{H+1} = 1 needs no emission
-    residue = np.minimum(1.0, t + np.einsum("hsat,ht->hsa", T_hat, o_next))
+    o_next = np.concatenate(
+        [o[..., 1:, :], np.zeros_like(o[..., :1, :])], axis=-2
+    )  # o_{H+1} = 0: beta_{H+1} = 1
+    residue = np.minimum(1.0, t + np.einsum("...hsat,...ht->...hsa", T_hat, o_next))
     n = H - np.arange(H)  # H - h + 1 with 1-based h
     factor = n if gamma == 0 else np.abs(np.expm1(gamma * n))
     return factor[:, None, None] * residue
@@ -248,61 +329,70 @@ def estimate(N_mu: np.ndarray, N_T: np.ndarray, N_O: np.ndarray) -> Pomdp:
     return Pomdp(mu=normalise(N_mu), T=normalise(N_T), O=normalise(N_O), r=None)
 
 
-def sample_episode(model: Pomdp, policy: list[np.ndarray], rng: np.random.Generator):
-    """One episode acting on observation histories; returns the hindsight states s_1..s_{H+1}, o, a, R."""
-    H, nS, nA = model.r.shape
-    nO = model.O.shape[2]
-    s, o, a = np.empty(H + 1, int), np.empty(H, int), np.empty(H, int)
-    s[0], i, ret = rng.choice(nS, p=model.mu), 0, 0.0
+def draw(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One index per row of probabilities p (B, n), by inverse CDF."""
+    cdf = np.cumsum(p, axis=-1)
+    return np.minimum((rng.random(len(p))[:, None] >= cdf).sum(-1), p.shape[-1] - 1)
+
+
+def sample_episodes(model: Pomdp, policy: list[np.ndarray], rng: np.random.Generator):
+    """One episode per row of a batched model (B, ...) acting on observation histories with policy[h]
+    (B, |F_h|); returns the hindsight states s_1..s_{H+1} (B, H+1), observations o and actions a (B, H)."""
+    B, H, nS, nA = model.r.shape
+    nO = model.O.shape[-1]
+    rows = np.arange(B)
+    s, o, a = np.empty((B, H + 1), int), np.empty((B, H), int), np.empty((B, H), int)
+    s[:, 0], i = draw(model.mu, rng), 0
     for h in range(H):
-        o[h] = rng.choice(nO, p=model.O[h, s[h]])
-        i = o[h] if h == 0 else (i * nA + a[h - 1]) * nO + o[h]
-        a[h] = policy[h][i]
-        ret += model.r[h, s[h], a[h]]
-        s[h + 1] = rng.choice(nS, p=model.T[h, s[h], a[h]])
-    return s, o, a, ret
+        o[:, h] = draw(model.O[rows, h, s[:, h]], rng)
+        i = o[:, h] if h == 0 else (i * nA + a[:, h - 1]) * nO + o[:, h]
+        a[:, h] = policy[h][rows, i]
+        s[:, h + 1] = draw(model.T[rows, h, s[:, h], a[:, h]], rng)
+    return s, o, a
 
 
 def update_counts(N_mu: np.ndarray, N_T: np.ndarray, N_O: np.ndarray, s, o, a) -> None:
-    """Hindsight observation: the episode's hidden states s_1..s_{H+1} are revealed and counted."""
-    H = len(a)
-    N_mu[s[0]] += 1
-    np.add.at(N_T, (np.arange(H), s[:-1], a, s[1:]), 1)
-    np.add.at(N_O, (np.arange(H), s[:-1], o), 1)
+    """Hindsight observation: each row's hidden states s_1..s_{H+1} are revealed and counted."""
+    B, H = a.shape
+    b, h = np.arange(B)[:, None], np.arange(H)[None]
+    N_mu[b[:, 0], s[:, 0]] += 1
+    N_T[b, h, s[:, :-1], a, s[:, 1:]] += 1  # (b, h) pairs are distinct, so += counts every one
+    N_O[b, h, s[:, :-1], o] += 1
 
 
-def run(args: Args, seed: int) -> tuple[np.ndarray, float]:
-    """K episodes of the learner on one instance; returns per-episode regret J(pi*) - J(pi^k) and J(pi*)."""
-    rng = np.random.default_rng(seed)
-    true = (
-        make_tiger(args.horizon)
-        if args.env == "tiger"
-        else make_random_pomdp(args.num_states, args.num_obs, args.num_actions, args.horizon, rng)
-    )
-    H, nS, nA = true.r.shape
-    nO = true.O.shape[2]
+def run(args: Args, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """K episodes of the learner, one row per seed, all rows planned in one batched call per episode.
+
+    Returns the per-episode regret J(pi*) - J(pi^k) (seeds, K) and J(pi*) (seeds,)."""
+    true = Pomdp(*map(np.stack, zip(*[make_env(args, seed) for seed in seeds], strict=True)))
+    B, H, nS, nA = true.r.shape
+    nO = true.O.shape[-1]
+    rng = np.random.default_rng(seeds)
     K, gamma = args.episodes, args.gamma
     gamma_plan = gamma if args.learner == "bvvi" else 0.0
     sigma1 = risk_beliefs(true, gamma)[0]
     J_star = plan(true, gamma)[1]
     iota = np.log(K * H * nS * nO * nA / args.delta)
-    N_mu, N_T, N_O = np.zeros(nS), np.zeros((H, nS, nA, nS)), np.zeros((H, nS, nO))
-    regret, J_cache, t0 = np.empty(K), {}, time.time()
+    N_mu, N_T, N_O = np.zeros((B, nS)), np.zeros((B, H, nS, nA, nS)), np.zeros((B, H, nS, nO))
+    regret, J, last, t0 = np.empty((B, K)), np.zeros(B), None, time.time()
     for k in range(K):
         model = estimate(N_mu, N_T, N_O)._replace(r=true.r)
         b = args.bonus_scale * bonus(N_T.sum(-1), N_O.sum(-1), model.T, nO, gamma_plan, iota)
         policy, _ = plan(model, gamma_plan, b, rng)
-        key = b"".join(p.tobytes() for p in policy)  # pi^k often repeats; its exact J is then known
-        if key not in J_cache:
-            J_cache[key] = evaluate(true, policy, gamma, sigma1)
-        regret[k] = J_star - J_cache[key]
-        s, o, a, _ = sample_episode(true, policy, rng)
-        update_counts(N_mu, N_T, N_O, s, o, a)
+        # pi^k often repeats; exact J is recomputed only for the rows whose policy changed
+        new = np.ones(B, bool)
+        if last is not None:
+            new = np.logical_or.reduce([(p != q).any(-1) for p, q in zip(policy, last, strict=True)])
+        if new.any():
+            J[new] = evaluate(Pomdp(*(x[new] for x in true)), [p[new] for p in policy], gamma, sigma1[new])
+        regret[:, k], last = J_star - J, policy
+        update_counts(N_mu, N_T, N_O, *sample_episodes(true, policy, rng))
         if args.print_every and ((k + 1) % args.print_every == 0 or k + 1 == K):
+            cum = regret[:, : k + 1].sum(1)
             print(
-                f"seed={seed} k={k + 1} cumulative_regret={regret[: k + 1].sum():.4f} "
-                f"J(pi_k)={J_star - regret[k]:.4f} J*={J_star:.4f} "
-                f"episodes/s={(k + 1) / (time.time() - t0):.0f}",
+                f"k={k + 1} cumulative_regret={cum.mean():.4f} +- {cum.std():.4f} "
+                f"J(pi_k)={J.mean():.4f} J*={J_star.mean():.4f} "
+                f"episodes/s={(k + 1) / (time.time() - t0):.0f} (x{B} seeds)",
                 flush=True,
             )
     return regret, J_star
@@ -317,6 +407,11 @@ def loglog_slope(cum_regret: np.ndarray) -> float:
     return float(np.polyfit(np.log(ks), np.log(np.maximum(cum_regret[ks - 1], 1e-12)), 1)[0])
 
 
+def fail(msg: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 1, not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
 def check_args(args: Args) -> str | None:
     """One line saying what is wrong with the arguments, or None."""
     sizes = {"--episodes": args.episodes, "--horizon": args.horizon, "--num-seeds": args.num_seeds}
@@ -329,7 +424,12 @@ def check_args(args: Args) -> str | None:
     for flag, v in sizes.items():
         if v < 1:
             return f"{flag} must be >= 1 (got {v})"
-    if not np.isfinite(args.gamma) or abs(args.gamma) * args.horizon > 50:
+    nO, nA, H = {
+        "random": (args.num_obs, args.num_actions, args.horizon),
+        "tiger": (2, 3, args.horizon),
+        "public": (3, 2, args.horizon),
+    }.get(args.env, (2, 2, 2))
+    if not np.isfinite(args.gamma) or abs(args.gamma) * H > 50:
         return (
             f"--gamma must be finite with |gamma|*H <= 50 so exp(gamma*H) is representable (got {args.gamma})"
         )
@@ -339,24 +439,28 @@ def check_args(args: Args) -> str | None:
         )
     if not 0 < args.delta < 1 or args.bonus_scale < 0:
         return f"need 0 < --delta < 1 and --bonus-scale >= 0 (got {args.delta}, {args.bonus_scale})"
-    nO, nA = (2, 3) if args.env == "tiger" else (args.num_obs, args.num_actions)
-    pairs = (nO * nA) ** args.horizon
+    pairs = (nO * nA) ** H
     if pairs > args.max_pairs:
         return (
             f"exact planning enumerates O^H*A^H = {pairs} (history, action) pairs > --max-pairs "
-            f"{args.max_pairs}; "
-            "lower --horizon, --num-obs or --num-actions"
+            f"{args.max_pairs}; lower --horizon, --num-obs or --num-actions"
         )
+    try:  # an unwritable --out-dir should fail now, not after the whole run
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        return f"--out-dir {args.out_dir!r} cannot be created ({e.strerror}); pass a writable directory"
+    if not os.access(args.out_dir, os.W_OK):
+        return f"--out-dir {args.out_dir!r} is not writable; pass a writable directory"
     return None
 
 
 def main(args: Args) -> np.ndarray:
     error = check_args(args)
     if error:
-        raise SystemExit(f"error: {error}")
+        fail(error)
     run_name = f"{args.env}__{args.exp_name}__{args.learner}__g{args.gamma}__{args.seed}__{int(time.time())}"
     seeds = [args.seed + j for j in range(args.num_seeds)]
-    regrets = np.stack([run(args, seed)[0] for seed in seeds])  # (seeds, K)
+    regrets = run(args, seeds)[0]  # (seeds, K)
     cum = regrets.cumsum(1)
     slopes = [loglog_slope(c) for c in cum]
     print(
@@ -364,7 +468,6 @@ def main(args: Args) -> np.ndarray:
         f"{cum[:, -1].mean():.4f} +- {cum[:, -1].std():.4f}; "
         f"log-log slope {np.nanmean(slopes):.3f}"
     )
-    os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, run_name)
     k = np.arange(1, args.episodes + 1)
     rows = [

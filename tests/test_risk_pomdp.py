@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+import tyro
 from conftest import run_script
 
 import risk_pomdp as rp
@@ -71,21 +72,52 @@ def test_small_gamma_tends_to_expectation():
     )
 
 
+def brute_force_optimum(model, gamma):
+    """max_pi J_gamma(pi) over every deterministic history-dependent policy (H = 2, O = 2, A = 2)."""
+    nO, nA = model.O.shape[-1], model.r.shape[-1]
+    sizes = [nO, nO * nO * nA]  # |F_1| = 2, |F_2| = 8 -> 2^10 policies
+    best = -np.inf
+    for flat in itertools.product(range(nA), repeat=sum(sizes)):
+        best = max(best, rp.evaluate(model, [np.array(flat[: sizes[0]]), np.array(flat[sizes[0] :])], gamma))
+    return best
+
+
 @pytest.mark.parametrize("gamma", [-2.0, -0.5, 0.5, 2.0])
 def test_exact_planning_beats_every_deterministic_policy(gamma):
-    nS, nO, nA, H = 2, 2, 2, 2
-    sizes = [nO * (nO * nA) ** h for h in range(H)]  # |F_1| = 2, |F_2| = 8 -> 2^10 policies
     for seed in range(2):
-        model = rp.make_random_pomdp(nS, nO, nA, H, np.random.default_rng(seed))
+        model = rp.make_random_pomdp(2, 2, 2, 2, np.random.default_rng(seed))
         policy, value = rp.plan(model, gamma)
         assert rp.evaluate(model, policy, gamma) == pytest.approx(value, abs=1e-12)
-        best = -np.inf
-        for flat in itertools.product(range(nA), repeat=sum(sizes)):
-            candidate = [np.array(flat[: sizes[0]]), np.array(flat[sizes[0] :])]
-            J = rp.evaluate(model, candidate, gamma)
-            assert value >= J - 1e-12
-            best = max(best, J)
-        assert value == pytest.approx(best, abs=1e-12)
+        assert value == pytest.approx(brute_force_optimum(model, gamma), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "env, gamma, gap",
+    [("gamble", -2.0, 0.3335), ("gamble", 2.0, 0.2067), ("scout", -2.0, 0.1372), ("scout", 2.0, 0.0)],
+)
+def test_risk_instances_optimum_and_gap(env, gamma, gap):
+    """The documented instances: the optimum agrees with brute force over policies, and the risk gap
+    J_gamma(pi*_gamma) - J_gamma(pi*_neutral) is what the README reports (>= 0.1 of the return range 2)."""
+    model = rp.make_env(rp.Args(env=env), 0)
+    value = rp.plan(model, gamma)[1]
+    assert value == pytest.approx(brute_force_optimum(model, gamma), abs=1e-12)
+    assert value - rp.evaluate(model, rp.plan(model, 0.0)[0], gamma) == pytest.approx(gap, abs=1e-4)
+
+
+def test_batched_rows_equal_single_runs():
+    rng = np.random.default_rng(5)
+    models = [rp.make_random_pomdp(3, 2, 2, 3, rng) for _ in range(3)]
+    batch = rp.Pomdp(*map(np.stack, zip(*models, strict=True)))
+    b = rng.uniform(0, 0.3, size=(3, 3, 3, 2))
+    for gamma in (-1.0, 0.0, 1.5):
+        policies, values = rp.plan(batch, gamma, b)
+        for j, m in enumerate(models):
+            policy, value = rp.plan(m, gamma, b[j])
+            assert all(np.array_equal(p[j], q) for p, q in zip(policies, policy, strict=True))
+            assert values[j] == pytest.approx(value, abs=1e-12)
+            assert rp.evaluate(batch, policies, gamma)[j] == pytest.approx(
+                rp.evaluate(m, policy, gamma), abs=1e-12
+            )
 
 
 @pytest.mark.parametrize("gamma", [-1.0, 1.0, 0.0])
@@ -115,14 +147,16 @@ def test_hindsight_estimators_converge():
     rng = np.random.default_rng(3)
     nS, nO, nA, H = 3, 2, 2, 2
     model = rp.make_random_pomdp(nS, nO, nA, H, rng)
-    N_mu, N_T, N_O = np.zeros(nS), np.zeros((H, nS, nA, nS)), np.zeros((H, nS, nO))
+    B = 8  # 8 rows of the same model, pooled: 8000 episodes
+    batch = rp.Pomdp(*(np.repeat(x[None], B, 0) for x in model))
+    N_mu, N_T, N_O = np.zeros((B, nS)), np.zeros((B, H, nS, nA, nS)), np.zeros((B, H, nS, nO))
     errors = []
-    for k in range(1, 8001):
-        policy = [rng.integers(nA, size=nO * (nO * nA) ** h) for h in range(H)]
-        s, o, a, _ = rp.sample_episode(model, policy, rng)
+    for k in range(1, 1001):
+        policy = [rng.integers(nA, size=(B, nO * (nO * nA) ** h)) for h in range(H)]
+        s, o, a = rp.sample_episodes(batch, policy, rng)
         rp.update_counts(N_mu, N_T, N_O, s, o, a)
-        if k in (500, 8000):
-            est = rp.estimate(N_mu, N_T, N_O)
+        if k in (60, 1000):
+            est = rp.estimate(N_mu.sum(0), N_T.sum(0), N_O.sum(0))
             errors.append(
                 max(
                     np.abs(est.mu - model.mu).max(),
@@ -130,7 +164,7 @@ def test_hindsight_estimators_converge():
                     np.abs(est.O - model.O).max(),
                 )
             )
-    assert N_T.sum(-1).min() > 0
+    assert N_T.sum((0, -1)).min() > 0 and N_mu.sum() == B * 1000
     assert errors[1] < 0.06 and errors[1] < errors[0]
 
 
@@ -150,8 +184,23 @@ def test_cli_smoke(tmp_path):
     assert data.shape == (80, 4) and np.all(data[:, 2] >= -1e-9)
 
 
-def test_cli_bad_input():
-    for bad in (["--gamma", "0"], ["--num-states", "0"], ["--env", "tiger", "--horizon", "12"]):
+def test_unwritable_out_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        rp.main(tyro.cli(rp.Args, args=["--episodes", "3", "--out-dir", str(blocker / "runs")]))
+    assert str(e.value).startswith("error: --out-dir") and "\n" not in str(e.value)
+    assert blocker.read_text() == ""
+
+
+def test_cli_bad_input(tmp_path):
+    (tmp_path / "f").write_text("")
+    for bad in (
+        ["--gamma", "0"],
+        ["--num-states", "0"],
+        ["--env", "tiger", "--horizon", "12"],
+        ["--out-dir", str(tmp_path / "f" / "runs")],
+    ):
         res = run_script("risk_pomdp.py", *bad, "--episodes", "5", timeout=60)
         assert res.returncode != 0
         assert "Traceback" not in res.stderr
