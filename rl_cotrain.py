@@ -13,7 +13,9 @@ demonstrations are used and in which no RL happens. "Sim" is the nominal task (m
 make_demos.sh, unlimited interaction). Real demos come from a short closed-loop scripted expert
 (scripted_pick_expert, scripted_push_expert, scripted_stack_expert) run in the shifted env: it works under the
 shift, and, like real teleoperation vs sim planning, its style differs from the sim demos. Only PickCube-v1,
-PushCube-v1 and StackCube-v1 have such an expert here.
+PushCube-v1 and StackCube-v1 have such an expert here. One set of shift rules (ShiftWrapper) serves both
+simulator paths: actions are delayed, scaled and noised on ManiSkill's batched tensors, and the task objects'
+mass and friction are set when the scene is built, which physx_cuda requires.
 
 Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
@@ -37,8 +39,9 @@ import json
 import os
 import random
 import time
-from collections import deque
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -61,30 +64,46 @@ NOMINAL_SHIFT = {
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
+    seed: int | None = None
+    """1 for a new run; with --checkpoint, the checkpoint's seed"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda (physx_cuda simulation) is used when available"""
+    """if toggled, cuda is used when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanflow"
     """the wandb's project name"""
     save_model: bool = True
-    """whether to save the model checkpoint (runs/{run_name}/final_ckpt.pt)"""
+    """whether to write runs/{run_name}/sft.pt (after Stage I) and ckpt.pt (at every evaluation)"""
     checkpoint: str | None = None
-    """checkpoint to resume training from (or to evaluate with --evaluate)"""
+    """a ckpt.pt or sft.pt of this script to resume training from (or to evaluate with --evaluate)"""
     evaluate: bool = False
     """only evaluate --checkpoint in sim, real and --eval-shift, then exit"""
 
-    # co-training arguments
+    # Environment
     env_id: str = "PickCube-v1"
     """the ManiSkill task id (PickCube-v1, PushCube-v1 or StackCube-v1: the tasks with a scripted expert)"""
+    max_episode_steps: int = 100
+    """episode length (motion-planned PickCube demos are 49-99 steps)"""
+    num_envs: int = 2
+    """parallel sim environments of Stage II"""
+    num_eval_envs: int = 2
+    """parallel environments for evaluation and the real demos"""
+    sim_backend: Literal["auto", "physx_cpu", "physx_cuda"] = "auto"
+    """auto: physx_cuda when --cuda and a GPU exist, else physx_cpu"""
+    vector_env: Literal["auto", "gymnasium", "maniskill"] = "auto"
+    """gymnasium: one simulator per process in gymnasium's AsyncVectorEnv (CPU); maniskill: ManiSkill's
+    batched env in ManiSkillVectorEnv, the GPU path (on physx_cpu it needs --num-envs 1 and is how the tests
+    run the GPU code); auto: maniskill on physx_cuda, gymnasium otherwise"""
+    eval_freq: int = 4000
+    """evaluate (and checkpoint) every eval_freq env steps of Stage II, rounded to whole iterations"""
+    eval_episodes: int = 20
+    """episodes per domain per evaluation (fixed layouts, the same for every mode)"""
+
+    # RL-Co domains
     mode: str = "rl-co"
     """one of real-only, sft-cotrain, rl-co, rl-sim-only"""
-    sim_demo_path: str = "demos/PickCube-v1/motionplanning/mp100.state.pd_ee_delta_pos.physx_cpu.h5"
-    """h5 of sim (nominal) demos made by make_demos.sh (state obs, pd_ee_delta_pos)"""
     real_shift: str = "action_scale=0.6,action_delay=1,cube_friction=0.3"
     """the "real" domain: comma-separated key=value over action_scale, action_delay, action_noise, cube_mass,
     cube_friction (mass and friction are multipliers of the nominal values)"""
@@ -96,31 +115,33 @@ class Args:
     """Stage I: fraction of each SFT batch drawn from sim demos (the rest from real demos)"""
     aux_coef: float = 0.2
     """beta: weight of the real-data SFT loss during Stage II (RLinf default 0.2)"""
+
+    # Flow policy
+    denoising_steps: int = 4
+    """K, flow integration steps"""
+    hidden_dim: int = 256
+    """width of the velocity network and the critic (3 hidden layers each)"""
+    sigma_min: float = 0.02
+    """lower bound of the learned per-step noise std"""
+    sigma_max: float = 0.2
+    """upper bound of the learned per-step noise std"""
+
+    # Sim demos and Stage I (SFT)
+    demo_path: str = "demos/PickCube-v1/motionplanning/mp100.state.pd_ee_delta_pos.physx_cpu.h5"
+    """h5 of sim (nominal) demos made by make_demos.sh (state obs, pd_ee_delta_pos)"""
+    num_demos: int | None = None
+    """use only the first N sim trajectories of the file (default: all)"""
     sft_steps: int = 4000
     """Stage I gradient steps"""
     sft_batch_size: int = 256
     """batch size of the flow-matching loss (Stage I and the Stage II anchor)"""
     sft_lr: float = 1e-3
     """Stage I learning rate"""
-    denoise_steps: int = 4
-    """K, flow integration steps"""
-    sigma_min: float = 0.02
-    """lower bound of the learned per-step noise std"""
-    sigma_max: float = 0.2
-    """upper bound of the learned per-step noise std"""
-    max_episode_steps: int = 100
-    """episode length (motion-planned PickCube demos are 49-99 steps)"""
 
-    # PPO (Stage II) arguments
-    total_timesteps: int = 40_000
-    """Stage II environment steps in sim"""
-    num_envs: int = 2
-    """parallel sim environments (AsyncVectorEnv on CPU, one process on GPU)"""
-    num_steps: int = 200
-    """steps per environment per rollout"""
+    # PPO (Stage II)
     learning_rate: float = 3e-5
     """Stage II actor (velocity + noise network) learning rate"""
-    critic_lr: float = 1e-3
+    critic_learning_rate: float = 1e-3
     """critic learning rate"""
     critic_warmup_iters: int = 2
     """first Stage II iterations update only the critic (the BC policy's value is unknown)"""
@@ -140,12 +161,10 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: float = 0.1
     """stop the epoch loop when the approximate KL exceeds this"""
-
-    # evaluation
-    eval_freq: int = 10
-    """evaluate every eval_freq Stage II iterations (and after each stage)"""
-    num_eval_episodes: int = 20
-    """episodes per domain per evaluation (fixed layouts, the same for every mode)"""
+    total_timesteps: int = 40_000
+    """Stage II environment steps in sim"""
+    num_steps: int = 200
+    """steps per environment per rollout"""
 
     # filled at runtime
     batch_size: int = 0
@@ -156,153 +175,285 @@ class Args:
     """the number of Stage II iterations (computed in runtime)"""
 
 
+# ---------------------------------------------------------------- ALGO LOGIC: the method (pure functions)
+def time_grid(K: int, device=None) -> torch.Tensor:
+    """tau_k = k / K, k = 0..K-1: the times of the K Euler steps (also those the SFT loss trains)."""
+    return torch.arange(K, device=device) / K
+
+
+@torch.no_grad()
+def sample_chain(policy, o, deterministic=False, generator=None) -> torch.Tensor:
+    """The chain a^{0:K}, shape (B, K+1, A), drawn step by step; the action is clip(a^K, -1, 1).
+    deterministic: sigma = 0 (the flow ODE, evaluation); a^0 still comes from N(0, I)."""
+    o_n, dt = policy.norm(o), 1.0 / policy.K
+    a = torch.randn(o.shape[0], policy.act_dim, device=o.device, generator=generator)
+    chain = [a]
+    for tau in time_grid(policy.K, o.device):
+        tau = tau.expand(o.shape[0], 1)
+        mu = a + policy.velocity(o_n, a, tau) * dt
+        if deterministic:
+            a = mu
+        else:
+            a = mu + policy.sigma(o_n, a, tau) * torch.randn(mu.shape, device=o.device, generator=generator)
+        chain.append(a)
+    return torch.stack(chain, 1)
+
+
+def chain_gaussians(policy, o, chain) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu_k = a^k + v(o, a^k, tau_k) dt and sigma_k of every step of stored chains, (B, K, A) each."""
+    B, K1, A = chain.shape
+    K = K1 - 1
+    o_n = policy.norm(o).unsqueeze(1).expand(B, K, -1).reshape(B * K, -1)
+    a_k = chain[:, :-1].reshape(B * K, A)
+    tau = time_grid(K, o.device).repeat(B).unsqueeze(-1)
+    mu = a_k + policy.velocity(o_n, a_k, tau) * (1.0 / K)
+    return mu.view(B, K, A), policy.sigma(o_n, a_k, tau).view(B, K, A)
+
+
+def chain_log_prob(policy, o, chain) -> torch.Tensor:
+    """log pi(a^{0:K} | o) = sum_k log N(a^{k+1}; mu_k, sigma_k^2), shape (B,)."""
+    mu, sigma = chain_gaussians(policy, o, chain)
+    return torch.distributions.Normal(mu, sigma).log_prob(chain[:, 1:]).sum(-1).sum(-1)
+
+
+def flow_matching_loss(policy, o, a, tau=None, eps=None) -> torch.Tensor:
+    """L_SFT = E || v(o, (1 - tau) eps + tau a, tau) - (a - eps) ||^2."""
+    tau = torch.rand(a.shape[0], 1, device=a.device) if tau is None else tau
+    eps = torch.randn_like(a) if eps is None else eps
+    a_tau = (1 - tau) * eps + tau * a
+    return ((policy.velocity(policy.norm(o), a_tau, tau) - (a - eps)) ** 2).sum(-1).mean()
+
+
+def ppo_policy_loss(new_logp, old_logp, adv, clip_coef) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate -E min(r A, clip(r) A) and the approximate KL E[(r - 1) - log r]."""
+    log_ratio = new_logp - old_logp
+    ratio = log_ratio.exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    approx_kl = ((ratio - 1) - log_ratio).mean()
+    return loss, approx_kl
+
+
+def rl_co_loss(l_rl: torch.Tensor, l_sft_real: torch.Tensor, beta: float) -> torch.Tensor:
+    """L = L_RL(sim) + beta * L_SFT(real)."""
+    return l_rl + beta * l_sft_real
+
+
+def gae(rewards, values, dones, next_value, gamma, gae_lambda):
+    """GAE over (T, N) steps; dones[t] = the episode ended at step t (no bootstrap from t + 1; a truncation's
+    bootstrap is folded into rewards[t] beforehand). Returns (advantages, returns)."""
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        nv = next_value if t == T - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
+        adv[t] = last
+    return adv, adv + values
+
+
+# ---------------------------------------------------------------- networks
+def mlp(i: int, o: int, h: int = 256, n: int = 3) -> nn.Sequential:
+    layers, d = [], i
+    for _ in range(n):
+        layers += [nn.Linear(d, h), nn.SiLU()]
+        d = h
+    return nn.Sequential(*layers, nn.Linear(d, o))
+
+
+class FlowNoisePolicy(nn.Module):
+    """v_theta(o, a, tau) and sigma_phi(o, a, tau); observations normalised with fixed demo statistics."""
+
+    def __init__(self, obs_dim, act_dim, K, sigma_min, sigma_max, hidden_dim=256):
+        super().__init__()
+        self.K, self.act_dim, self.sigma_min, self.sigma_max = K, act_dim, sigma_min, sigma_max
+        self.v = mlp(obs_dim + act_dim + 1, act_dim, hidden_dim)
+        self.noise = mlp(obs_dim + act_dim + 1, act_dim, h=64, n=2)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+
+    def norm(self, o):
+        return (o - self.obs_mean) / self.obs_std
+
+    def velocity(self, o_n, a, tau):
+        return self.v(torch.cat([o_n, a, tau], -1))
+
+    def sigma(self, o_n, a, tau):
+        s = torch.sigmoid(self.noise(torch.cat([o_n, a, tau], -1)))
+        return self.sigma_min + (self.sigma_max - self.sigma_min) * s
+
+
+# ---------------------------------------------------------------- plumbing: checks, domains, envs
+def fail(msg: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 1, not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def is_maniskill(env_id: str) -> bool:
+    """True for a ManiSkill3 id, False for a gymnasium one; fail() for an id neither knows."""
+    if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
+        import mani_skill.envs  # noqa: F401
+    if env_id not in gym.registry:
+        fail(f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)")  # noqa: E501  # fmt: skip
+    entry = gym.registry[env_id].entry_point
+    entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
+    return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
+
+
 def parse_shift(spec: str) -> dict:
     """'action_scale=0.6,action_delay=1' -> full shift dict (unlisted keys nominal)."""
     shift = dict(NOMINAL_SHIFT)
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, value = item.partition("=")
         if key not in NOMINAL_SHIFT or not value:
-            raise SystemExit(
-                f"error: bad shift item '{item}': use key=value with key in {list(NOMINAL_SHIFT)}"
-            )
+            fail(f"bad shift item '{item}': use key=value with key in {list(NOMINAL_SHIFT)}")
         try:
             shift[key] = type(NOMINAL_SHIFT[key])(float(value))
         except ValueError:
-            raise SystemExit(f"error: shift value '{value}' for {key} is not a number") from None
+            fail(f"shift value '{value}' for {key} is not a number")
     if shift["action_delay"] < 0 or shift["cube_mass"] <= 0 or shift["cube_friction"] < 0:
-        raise SystemExit(f"error: shift {spec!r} has a negative delay or a non-positive mass/friction")
+        fail(f"shift {spec!r} has a negative delay or a non-positive mass/friction")
     return shift
 
 
 class ShiftWrapper(gym.Wrapper):
-    """Turns the nominal task into a shifted domain: actions are scaled (controller gain), delayed and
-    noised, and the manipulated objects' mass / friction are changed after reset. The reset distribution is
-    untouched, so the same seed gives the same initial layout in every domain."""
+    """The domain shift, one set of rules for both paths (it sits on ManiSkill's batched tensors, under
+    CPUGymWrapper or ManiSkillVectorEnv). Actions are delayed by action_delay steps, scaled by action_scale
+    (controller gain), noised and clipped. The task objects' mass and friction are multiplied when the scene
+    is built: physx_cuda takes masses and materials only before it starts, so a new mass/friction shift
+    rebuilds the scene at the next full reset. Objects get a material of their own: the default one is shared
+    with the table, the floor and the robot. The reset distribution is untouched: one seed, one initial layout
+    in every domain."""
 
     OBJECTS = ("cube", "obj", "cubeA", "cubeB")
 
     def __init__(self, env, shift: dict):
         super().__init__(env)
-        self.nominal = None
+        base = env.unwrapped
+        self.built = (1.0, 1.0)  # mass and friction multipliers of the scene gym.make built
+        self.rng = torch.Generator(base.device)
+        load_scene = base._load_scene
+
+        def load_shifted_scene(options):
+            load_scene(options)
+            self.built = (self.shift["cube_mass"], self.shift["cube_friction"])
+            if self.built == (1.0, 1.0):
+                return
+            import sapien
+
+            for body in (
+                b for name in self.OBJECTS if hasattr(base, name) for b in getattr(base, name)._bodies
+            ):
+                body.mass = body.mass * self.shift["cube_mass"]
+                for shape in body.collision_shapes:
+                    m = shape.physical_material
+                    f = self.shift["cube_friction"]
+                    shape.set_physical_material(
+                        sapien.physx.PhysxMaterial(
+                            m.static_friction * f, m.dynamic_friction * f, m.restitution
+                        )
+                    )
+
+        base._load_scene = load_shifted_scene
         self.set_shift(shift)
 
     def set_shift(self, shift: dict):
         self.shift = dict(shift)
 
-    def _bodies(self):
-        base = self.env.unwrapped
-        return [b for name in self.OBJECTS if hasattr(base, name) for b in getattr(base, name)._bodies]
-
-    def _apply_physics(self):
-        bodies = self._bodies()
-        if self.nominal is None:  # remember nominal values once; shifts are multipliers of them
-            self.nominal = [
-                (b.mass, [(m.static_friction, m.dynamic_friction) for m in self._materials(b)])
-                for b in bodies
-            ]
-        for b, (mass, frictions) in zip(bodies, self.nominal, strict=True):
-            b.mass = mass * self.shift["cube_mass"]
-            for m, (fs, fd) in zip(self._materials(b), frictions, strict=True):
-                m.static_friction, m.dynamic_friction = (
-                    fs * self.shift["cube_friction"],
-                    fd * self.shift["cube_friction"],
-                )
-
-    @staticmethod
-    def _materials(body):
-        return [s.physical_material for s in body.collision_shapes]
-
     def reset(self, *, seed=None, options=None):
+        base, options = self.env.unwrapped, dict(options or {})
+        partial_reset = "env_idx" in options
+        if (self.shift["cube_mass"], self.shift["cube_friction"]) != self.built and not partial_reset:
+            options["reconfigure"] = True
         obs, info = self.env.reset(seed=seed, options=options)
-        self._apply_physics()
-        self.queue = deque([np.zeros(self.action_space.shape, np.float32)] * self.shift["action_delay"])
-        self.rng = np.random.default_rng(seed)
+        shape = (self.shift["action_delay"], base.num_envs, base.single_action_space.shape[0])
+        if partial_reset:
+            self.pending[:, options["env_idx"]] = 0.0
+        else:
+            self.pending = torch.zeros(shape, device=base.device)
+        if seed is not None:
+            self.rng = torch.Generator(base.device).manual_seed(int(np.ravel(seed)[0]))
         return obs, info
 
     def step(self, action):
-        self.queue.append(np.asarray(action, np.float32))
-        a = self.queue.popleft()
-        a = a * self.shift["action_scale"] + self.shift["action_noise"] * self.rng.standard_normal(a.shape)
-        return self.env.step(np.clip(a, -1.0, 1.0).astype(np.float32))
+        base = self.env.unwrapped
+        a = torch.as_tensor(action, dtype=torch.float32, device=base.device).reshape(base.num_envs, -1)
+        queue = torch.cat([self.pending, a[None]])
+        a, self.pending = queue[0], queue[1:]
+        a = a * self.shift["action_scale"]
+        if self.shift["action_noise"] > 0:
+            a = a + self.shift["action_noise"] * torch.randn(a.shape, device=a.device, generator=self.rng)
+        return self.env.step(a.clamp(-1.0, 1.0))
 
 
-def make_env(env_id: str, shift: dict, max_episode_steps: int, evaluation: bool):
-    def thunk():
-        import mani_skill.envs  # noqa: F401  (registers the ids in the worker process)
-        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-        env = gym.make(env_id, obs_mode="state", sim_backend="physx_cpu", render_backend="cpu",
-                       control_mode="pd_ee_delta_pos", reward_mode="normalized_dense",
-                       max_episode_steps=max_episode_steps, enhanced_determinism=True)  # fmt: skip
-        env = CPUGymWrapper(env, ignore_terminations=evaluation, record_metrics=True)
-        return ShiftWrapper(env, shift)
-
-    return thunk
+def make_maniskill(args: Args, num_envs: int, shift: dict, **backend):
+    """The task under a domain shift: num_envs scenes of ManiSkill's batched env (one on physx_cpu)."""
+    env = gym.make(args.env_id, num_envs=num_envs, obs_mode="state", control_mode="pd_ee_delta_pos",
+                   reward_mode="normalized_dense", max_episode_steps=args.max_episode_steps,
+                   enhanced_determinism=True, **backend)  # fmt: skip
+    return ShiftWrapper(env, shift)
 
 
-class GPUShiftVecEnv:
-    """physx_cuda path (not run here: no GPU): num_envs scenes in one process (ManiSkillVectorEnv), the same
-    action shifts on the batch, outputs in gymnasium's SAME_STEP format so the rest of the file is unchanged.
-    Mass / friction shifts are physx_cpu only; the delay queue is reset only on full resets."""
+def cpu_env(args: Args, shift: dict, evaluation: bool):
+    import mani_skill.envs  # noqa: F401  (registers the ids in the worker process)
+    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-    def __init__(self, args: Args, shift: dict, evaluation: bool):
-        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+    env = make_maniskill(args, 1, shift, sim_backend="physx_cpu", render_backend="cpu")
+    return CPUGymWrapper(env, ignore_terminations=evaluation)
 
-        env = gym.make(args.env_id, num_envs=args.num_envs, obs_mode="state", sim_backend="physx_cuda",
-                       control_mode="pd_ee_delta_pos", reward_mode="normalized_dense",
-                       max_episode_steps=args.max_episode_steps, enhanced_determinism=True)  # fmt: skip
-        self.env = ManiSkillVectorEnv(env, args.num_envs, ignore_terminations=evaluation, record_metrics=True)
-        self.num_envs = args.num_envs
-        self.single_observation_space = self.env.single_observation_space
-        self.single_action_space = self.env.single_action_space
-        self.set_shift(shift)
 
-    def call(self, name, *args):
-        return getattr(self, name)(*args)
+class VecEnv:
+    """n envs of one domain behind one torch API on either path: ManiSkill's batched env (ManiSkillVectorEnv)
+    or one physx_cpu simulator per process in gymnasium's vector env. No autoreset: the caller resets the envs
+    whose episode ended (reset_done). Evaluation envs ignore terminations: episodes run to the time limit."""
+
+    def __init__(self, args: Args, n: int, shift: dict, device, evaluation: bool):
+        self.num_envs, self.device, self.batched = n, device, args.vector_env == "maniskill"
+        if self.batched:
+            from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+            backend = {"render_backend": "cpu"} if args.sim_backend == "physx_cpu" else {}
+            env = make_maniskill(args, n, shift, sim_backend=args.sim_backend, **backend)
+            self.envs = ManiSkillVectorEnv(env, n, auto_reset=False, ignore_terminations=evaluation)
+        else:
+            thunks = [partial(cpu_env, args, shift, evaluation)] * n
+            disabled = gym.vector.AutoresetMode.DISABLED
+            if n == 1:  # no worker process to start
+                self.envs = gym.vector.SyncVectorEnv(thunks, autoreset_mode=disabled)
+            else:  # "spawn": SAPIEN does not survive fork
+                self.envs = gym.vector.AsyncVectorEnv(thunks, context="spawn", autoreset_mode=disabled)
+        self.obs_dim = self.envs.single_observation_space.shape[0]
+        self.act_dim = self.envs.single_action_space.shape[0]
+
+    def _t(self, x, dtype=torch.float32):
+        return torch.as_tensor(x).to(self.device, dtype)
 
     def set_shift(self, shift: dict):
-        if shift["cube_mass"] != 1.0 or shift["cube_friction"] != 1.0:
-            raise SystemExit("error: cube_mass / cube_friction shifts are physx_cpu only: run with --no-cuda")
-        self.shift = shift
+        self.envs.call("set_shift", shift)
 
-    def reset(self, seed=None):
-        obs, info = self.env.reset(seed=seed)
-        a0 = torch.zeros(self.num_envs, self.single_action_space.shape[0], device=obs.device)
-        self.queue = deque([a0] * self.shift["action_delay"])
-        return obs.cpu().numpy(), info
+    def reset(self, seeds: list[int]) -> torch.Tensor:
+        return self._t(self.envs.reset(seed=seeds)[0])
 
-    def step(self, action):
-        self.queue.append(torch.as_tensor(action, device=self.env.device))
-        a = self.queue.popleft() * self.shift["action_scale"]
-        a = (a + self.shift["action_noise"] * torch.randn_like(a)).clamp(-1, 1)
-        obs, r, term, trunc, info = self.env.step(a)
-        info = {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in info.items()}
-        if "final_info" in info:
-            fi = info["final_info"]
-            info["final_info"] = {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in fi.items()}
-            info["final_info"]["episode"] = {k: v.cpu().numpy() for k, v in fi["episode"].items()}
-            info["final_obs"], info["_final_obs"] = (
-                info.pop("final_observation").cpu().numpy(),
-                info["_final_info"],
-            )
-        obs, r, term, trunc = (x.cpu().numpy() for x in (obs, r, term, trunc))
-        return obs, r, term, trunc, info
+    def step(self, action: torch.Tensor):
+        """-> obs, reward, terminated, truncated, success (tensors on the device)."""
+        obs, r, term, trunc, info = self.envs.step(action if self.batched else action.cpu().numpy())
+        flags = (self._t(x, torch.bool) for x in (term, trunc, info["success"]))
+        return self._t(obs), self._t(r), *flags
+
+    def reset_done(self, done: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        if not done.any():
+            return obs
+        if self.batched:
+            new = self.envs.reset(options={"env_idx": done.nonzero()[:, 0]})[0]
+        else:
+            new = self.envs.reset(options={"reset_mask": done.cpu().numpy()})[0]
+        return torch.where(done[:, None], self._t(new), obs)
 
     def close(self):
-        self.env.close()
+        self.envs.close()
 
 
-def make_vec_env(args: Args, shift: dict, evaluation: bool):
-    if args.cuda and torch.cuda.is_available():
-        return GPUShiftVecEnv(args, shift, evaluation)
-    thunks = [make_env(args.env_id, shift, args.max_episode_steps, evaluation) for _ in range(args.num_envs)]
-    if args.num_envs == 1:  # no worker process to start
-        return gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    return gym.vector.AsyncVectorEnv(
-        thunks, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
-
-
+# ---------------------------------------------------------------- plumbing: scripted experts and demos
 def hover(tcp: np.ndarray, point: np.ndarray, tol: float = 0.01) -> np.ndarray:
     """Target 5 cm above point until the tcp is within tol of it in xy, then point itself (descend last)."""
     xy_far = np.linalg.norm(tcp[:, :2] - point[:, :2], axis=1) > tol
@@ -365,210 +516,205 @@ EXPERTS = {
 }
 
 
-def load_sim_demos(path: str, obs_dim: int, act_dim: int):
+def load_sim_demos(path: str, num_demos: int | None):
+    """ManiSkill h5 (traj_i/obs (L+1, d), traj_i/actions (L, A)) -> (obs, actions) of every step."""
     import h5py
 
     if not os.path.exists(path):
-        raise SystemExit(f"error: sim demo file {path} not found: make it with `bash make_demos.sh`")
+        fail(f"sim demo file {path} not found: make it with `bash make_demos.sh` or pass --demo-path")
     meta_path = path[: -len(".h5")] + ".json"
-    if os.path.exists(meta_path):
+    if path.endswith(".h5") and os.path.exists(meta_path):
         mode = json.load(open(meta_path))["env_info"]["env_kwargs"].get("control_mode")
         if mode != "pd_ee_delta_pos":
-            raise SystemExit(
-                f"error: {path} has control_mode {mode}, need pd_ee_delta_pos (make_demos.sh arg 3)"
-            )
+            fail(f"{path} has control_mode {mode}, need pd_ee_delta_pos (make_demos.sh arg 3)")
     obs, act = [], []
-    with h5py.File(path, "r") as f:
-        for key in f:
-            o, a = f[key]["obs"][()], f[key]["actions"][()]
-            if o.ndim != 2 or o.shape[1] != obs_dim or a.shape != (len(o) - 1, act_dim):
-                raise SystemExit(
-                    f"error: {path}:{key} has obs {o.shape} / actions {a.shape}, "
-                    f"need (L+1, {obs_dim}) / (L, {act_dim})"
-                )
-            obs.append(o[:-1])
-            act.append(a)
+    try:
+        with h5py.File(path, "r") as f:
+            keys = [k for k in f if k.startswith("traj_")]
+            first = set(sorted(keys, key=lambda k: int(k[len("traj_") :]))[:num_demos])
+            for key in (k for k in keys if k in first):  # in the file's order
+                if "obs" not in f[key] or "actions" not in f[key]:
+                    fail(f"{path}:{key} has no obs or no actions: pass demos made by make_demos.sh")
+                o, a = f[key]["obs"][()], f[key]["actions"][()]
+                if o.ndim != 2 or a.ndim != 2 or len(a) != len(o) - 1:
+                    fail(f"{path}:{key} has obs {o.shape} / actions {a.shape}, need (L+1, d) / (L, A)")
+                obs.append(o[:-1])
+                act.append(a)
+    except OSError as e:
+        fail(
+            f"cannot read {path} as h5 ({str(e).splitlines()[0][:60]}): pass an h5 file made by make_demos.sh"
+        )
     if not obs:
-        raise SystemExit(f"error: {path} holds no trajectories")
+        fail(f"{path} holds no traj_* trajectories")
     return np.concatenate(obs).astype(np.float32), np.concatenate(act).astype(np.float32)
 
 
-def collect_real_demos(envs, n: int, seed: int, max_steps: int, act_fn=scripted_pick_expert):
+def collect_real_demos(envs: VecEnv, n: int, seed: int, expert):
     """Runs the expert in the (shifted) eval envs; keeps each successful episode up to its first success."""
     obs_buf, act_buf, tried = [], [], 0
     while len(obs_buf) < n and tried < 4 * n + 8:
-        o, _ = envs.reset(seed=[seed + tried + i for i in range(envs.num_envs)])
+        o = envs.reset([seed + tried + i for i in range(envs.num_envs)]).cpu().numpy()
         tried += envs.num_envs
         traj = [([], []) for _ in range(envs.num_envs)]
         done = np.zeros(envs.num_envs, bool)
-        for _ in range(max_steps):
-            a = act_fn(o)
+        while not done.all():
+            a = expert(o)
             for i in np.where(~done)[0]:
                 traj[i][0].append(o[i])
                 traj[i][1].append(a[i])
-            o, _, term, trunc, info = envs.step(a)
-            success = info["final_info"]["success"] if "final_info" in info else info["success"]
+            o, _, _, trunc, success = (
+                x.cpu().numpy() for x in envs.step(torch.as_tensor(a, device=envs.device))
+            )
             for i in np.where(~done & success)[0]:
                 if len(obs_buf) < n:
                     obs_buf.append(np.array(traj[i][0]))
                     act_buf.append(np.array(traj[i][1]))
-            done |= success | term | trunc
-            if done.all():
-                break
+            done |= success | trunc
     if len(obs_buf) < n:
-        raise SystemExit(f"error: the scripted expert solved only {len(obs_buf)} of {tried} real episodes")
+        fail(f"the scripted expert solved only {len(obs_buf)} of {tried} real episodes: lower --real-demos")
     return np.concatenate(obs_buf).astype(np.float32), np.concatenate(act_buf).astype(np.float32)
 
 
-def mlp(i: int, o: int, h: int = 256, n: int = 3) -> nn.Sequential:
-    layers, d = [], i
-    for _ in range(n):
-        layers += [nn.Linear(d, h), nn.SiLU()]
-        d = h
-    return nn.Sequential(*layers, nn.Linear(d, o))
-
-
-class FlowNoisePolicy(nn.Module):
-    """v_theta(o, a, tau) and sigma_phi(o, a, tau); observations normalised with fixed demo statistics."""
-
-    def __init__(self, obs_dim, act_dim, K, sigma_min, sigma_max):
-        super().__init__()
-        self.K, self.act_dim, self.sigma_min, self.sigma_max = K, act_dim, sigma_min, sigma_max
-        self.v = mlp(obs_dim + act_dim + 1, act_dim)
-        self.noise = mlp(obs_dim + act_dim + 1, act_dim, h=64, n=2)
-        self.register_buffer("obs_mean", torch.zeros(obs_dim))
-        self.register_buffer("obs_std", torch.ones(obs_dim))
-
-    def norm(self, o):
-        return (o - self.obs_mean) / self.obs_std
-
-    def velocity(self, o_n, a, tau):
-        return self.v(torch.cat([o_n, a, tau], -1))
-
-    def sigma(self, o_n, a, tau):
-        s = torch.sigmoid(self.noise(torch.cat([o_n, a, tau], -1)))
-        return self.sigma_min + (self.sigma_max - self.sigma_min) * s
-
-    @torch.no_grad()
-    def sample(self, o, deterministic=False):
-        """Returns the chain a^{0:K}, shape (B, K+1, A); the action is chain[:, -1]."""
-        o_n, dt = self.norm(o), 1.0 / self.K
-        a = torch.randn(o.shape[0], self.act_dim, device=o.device)
-        chain = [a]
-        for k in range(self.K):
-            tau = torch.full((o.shape[0], 1), k * dt, device=o.device)
-            a = a + self.velocity(o_n, a, tau) * dt
-            if not deterministic:
-                a = a + self.sigma(o_n, chain[-1], tau) * torch.randn_like(a)
-            chain.append(a)
-        return torch.stack(chain, 1)
-
-
-def chain_log_prob(policy: FlowNoisePolicy, o: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
-    """log pi(a^{0:K} | o) = sum_k log N(a^{k+1}; a^k + v dt, sigma^2), all K steps in one batched call."""
-    B, K1, A = chain.shape
-    K, dt = K1 - 1, 1.0 / (K1 - 1)
-    o_n = policy.norm(o).unsqueeze(1).expand(B, K, -1).reshape(B * K, -1)
-    a_k = chain[:, :-1].reshape(B * K, A)
-    tau = (torch.arange(K, device=o.device, dtype=o.dtype) * dt).repeat(B).unsqueeze(-1)
-    mu = a_k + policy.velocity(o_n, a_k, tau) * dt
-    dist = torch.distributions.Normal(mu, policy.sigma(o_n, a_k, tau))
-    return dist.log_prob(chain[:, 1:].reshape(B * K, A)).sum(-1).view(B, K).sum(-1)
-
-
-def flow_matching_loss(policy: FlowNoisePolicy, o, a, tau=None, eps=None) -> torch.Tensor:
-    """L_SFT = E || v(o, (1 - tau) eps + tau a, tau) - (a - eps) ||^2."""
-    tau = torch.rand(a.shape[0], 1, device=a.device) if tau is None else tau
-    eps = torch.randn_like(a) if eps is None else eps
-    a_tau = (1 - tau) * eps + tau * a
-    return ((policy.velocity(policy.norm(o), a_tau, tau) - (a - eps)) ** 2).sum(-1).mean()
-
-
-def ppo_policy_loss(new_logp, old_logp, adv, clip_coef) -> tuple[torch.Tensor, torch.Tensor]:
-    log_ratio = new_logp - old_logp
-    ratio = log_ratio.exp()
-    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
-    approx_kl = ((ratio - 1) - log_ratio).mean()
-    return loss, approx_kl
-
-
-def rl_co_loss(l_rl: torch.Tensor, l_sft_real: torch.Tensor, beta: float) -> torch.Tensor:
-    """L = L_RL(sim) + beta * L_SFT(real)."""
-    return l_rl + beta * l_sft_real
-
-
-def gae(rewards, values, next_value, dones, gamma, lam):
-    """dones[t] = 1 when the episode ended at step t (its bootstrap is already folded into rewards[t])."""
-    T = rewards.shape[0]
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(next_value)
-    for t in reversed(range(T)):
-        nv = next_value if t == T - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]
-        last = delta + gamma * lam * (1 - dones[t]) * last
-        adv[t] = last
-    return adv, adv + values
-
-
+# ---------------------------------------------------------------- plumbing: evaluation and checkpoints
 @torch.no_grad()
-def evaluate(policy, envs, shift: dict, n: int, device) -> dict:
-    """Deterministic (sigma = 0) rollouts on fixed layouts (seeds 10^5 + i), full episodes, no early reset."""
-    envs.call("set_shift", shift)
+def evaluate(policy, envs: VecEnv, shift: dict, n: int, seed: int) -> dict:
+    """Noise-free policy on the layouts of seeds seed..seed+n-1, full episodes; a^0 comes from a generator
+    seeded with seed, so a checkpoint gets the same numbers during training and with --evaluate."""
+    envs.set_shift(shift)
+    generator = torch.Generator(envs.device).manual_seed(seed)
     stats = {"success_once": [], "success_at_end": [], "return": []}
     for start in range(0, n, envs.num_envs):
-        o, _ = envs.reset(seed=[100_000 + start + i for i in range(envs.num_envs)])
+        o = envs.reset([seed + start + i for i in range(envs.num_envs)])
+        ret = torch.zeros(envs.num_envs, device=envs.device)
+        once = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
         while True:
-            a = policy.sample(torch.as_tensor(o, device=device), deterministic=True)[:, -1].clamp(-1, 1)
-            o, _, _, trunc, info = envs.step(a.cpu().numpy())
+            a = sample_chain(policy, o, deterministic=True, generator=generator)[:, -1].clamp(-1, 1)
+            o, r, _, trunc, success = envs.step(a)
+            ret += r
+            once |= success
             if trunc.any():
-                for key in stats:
-                    stats[key] += list(info["final_info"]["episode"][key][: n - start])
                 break
+        stats["success_once"] += once[: n - start].tolist()
+        stats["success_at_end"] += success[: n - start].tolist()
+        stats["return"] += ret[: n - start].tolist()
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
-def save_checkpoint(path, **state):
+def rng_states() -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["random"])
+
+
+def save_checkpoint(path: str, **state):
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save({"script": "rl_cotrain", **state}, tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written checkpoint
 
 
-def main(args: Args):
+def load_checkpoint(path: str, env_id: str) -> dict:
+    if not os.path.exists(path):
+        fail(f"checkpoint {path} not found: pass a ckpt.pt or sft.pt written by rl_cotrain.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}): pass a ckpt.pt or sft.pt of rl_cotrain.py")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "rl_cotrain":
+        fail(f"{path} is not an rl_cotrain.py checkpoint: pass a ckpt.pt or sft.pt written by this script")
+    if ckpt["args"]["env_id"] != env_id:
+        fail(f"{path} was trained on {ckpt['args']['env_id']}: pass --env-id {ckpt['args']['env_id']}")
+    return ckpt
+
+
+def check_args(args: Args) -> dict | None:
+    """Every check that needs no env, before anything slow; fills in the seed, backend and batch sizes.
+    Returns the checkpoint (or None)."""
     if args.mode not in MODES:
-        raise SystemExit(f"error: unknown --mode {args.mode}: use one of {', '.join(MODES)}")
+        fail(f"unknown --mode {args.mode}: use one of {', '.join(MODES)}")
+    positive = ("num_envs", "num_eval_envs", "eval_freq", "eval_episodes", "real_demos", "denoising_steps",
+                "hidden_dim", "sft_batch_size", "num_minibatches", "update_epochs", "num_steps")  # fmt: skip
+    for name in positive + ("num_demos",) * (args.num_demos is not None):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("total_timesteps", "sft_steps"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"need 0 < --gamma <= 1 and 0 <= --gae-lambda <= 1, got {args.gamma} and {args.gae_lambda}")
+    if not 0 < args.sigma_min <= args.sigma_max:
+        fail(f"need 0 < --sigma-min <= --sigma-max, got {args.sigma_min} and {args.sigma_max}")
     if not 0.0 <= args.sim_ratio <= 1.0 or args.aux_coef < 0:
-        raise SystemExit("error: --sim-ratio must be in [0, 1] and --aux-coef >= 0")
-    real_shift, nominal = parse_shift(args.real_shift), dict(NOMINAL_SHIFT)
-    eval_shift = parse_shift(args.eval_shift) if args.eval_shift else None
+        fail("--sim-ratio must be in [0, 1] and --aux-coef >= 0")
+    parse_shift(args.real_shift)
+    parse_shift(args.eval_shift)
     if args.evaluate and not args.checkpoint:
-        raise SystemExit("error: --evaluate needs --checkpoint PATH")
-    ckpt = None
-    if args.checkpoint:
-        if not os.path.exists(args.checkpoint):
-            raise SystemExit(
-                f"error: checkpoint {args.checkpoint} not found: pass a final_ckpt.pt of this script"
-            )
-        try:
-            ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        except Exception:
-            ckpt = None
-        if not isinstance(ckpt, dict) or "policy" not in ckpt or ckpt.get("env_id") != args.env_id:
-            raise SystemExit(f"error: {args.checkpoint} is not an rl_cotrain.py checkpoint for {args.env_id}")
-    import mani_skill.envs  # noqa: F401
-
-    if args.env_id not in gym.registry:
-        raise SystemExit(f"error: unknown env id {args.env_id}: use a ManiSkill3 id such as PickCube-v1")
-    if args.env_id not in EXPERTS and not args.evaluate:
-        raise SystemExit(
-            f"error: no scripted real-domain expert for {args.env_id}: use one of {', '.join(EXPERTS)}"
-        )
-    sft_only = args.mode in ("real-only", "sft-cotrain")
-    sim_ratio = 0.0 if args.mode == "real-only" else args.sim_ratio
-    beta = args.aux_coef if args.mode == "rl-co" else 0.0
+        fail("--evaluate needs --checkpoint PATH")
+    ckpt = load_checkpoint(args.checkpoint, args.env_id) if args.checkpoint else None
+    if args.seed is None:
+        args.seed = ckpt["args"]["seed"] if ckpt else 1
+    evals = range(args.seed + 10_000, args.seed + 10_000 + args.eval_episodes)
+    demos = range(10_000 + 1000 * args.seed, 10_000 + 1000 * args.seed + 4 * args.real_demos + 8)
+    if args.seed < 0 or (evals.start < demos.stop and demos.start < evals.stop):
+        fail(f"--seed {args.seed}: evaluation would replay the real demos' layouts: use --seed >= 1")
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = 0 if sft_only else args.total_timesteps // args.batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}"
+    args.num_iterations = (
+        0 if args.mode in ("real-only", "sft-cotrain") else args.total_timesteps // args.batch_size
+    )
+    if (
+        args.num_iterations > (ckpt["iteration"] if ckpt else 0)
+        and args.minibatch_size < 2
+        and not args.evaluate
+    ):
+        fail(f"--num-envs x --num-steps / --num-minibatches = {args.batch_size / args.num_minibatches:g}: "
+             "a minibatch needs >= 2 samples (its advantages are standardised)")  # fmt: skip
+
+    gpu = args.cuda and torch.cuda.is_available()
+    if args.sim_backend == "auto":
+        args.sim_backend = "physx_cuda" if gpu else "physx_cpu"
+    if args.vector_env == "auto":
+        args.vector_env = "maniskill" if args.sim_backend == "physx_cuda" else "gymnasium"
+    if args.sim_backend == "physx_cuda" and not torch.cuda.is_available():
+        fail("--sim-backend physx_cuda needs a CUDA GPU: use --sim-backend physx_cpu")
+    if args.sim_backend == "physx_cuda" and args.vector_env == "gymnasium":
+        fail("--vector-env gymnasium runs one physx_cpu simulator per process: use --sim-backend physx_cpu")
+    if (
+        args.vector_env == "maniskill"
+        and args.sim_backend == "physx_cpu"
+        and max(args.num_envs, args.num_eval_envs) > 1
+    ):
+        fail("--vector-env maniskill on physx_cpu simulates one env: pass --num-envs 1 --num-eval-envs 1")
+    if not is_maniskill(args.env_id):
+        fail(f"--env-id {args.env_id} is not a ManiSkill3 task: use one of {', '.join(EXPERTS)}")
+    if args.env_id not in EXPERTS and not args.evaluate:
+        fail(f"no scripted real-domain expert for {args.env_id}: use one of {', '.join(EXPERTS)}")
+    return ckpt
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    ckpt = check_args(args)
+    real_shift = parse_shift(args.real_shift)
+    domains = {"sim": dict(NOMINAL_SHIFT), "real": real_shift}
+    if args.eval_shift:
+        domains["eval_shift"] = parse_shift(args.eval_shift)
+    sim_ratio = 0.0 if args.mode == "real-only" else args.sim_ratio
+    beta = args.aux_coef if args.mode == "rl-co" else 0.0
+    sim_demos = None
+    if sim_ratio > 0 and ckpt is None and not args.evaluate:  # sim demos serve Stage I only
+        sim_demos = load_sim_demos(args.demo_path, args.num_demos)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -576,72 +722,105 @@ def main(args: Args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    eval_envs = make_vec_env(args, real_shift, evaluation=True)
-    obs_dim, act_dim = eval_envs.single_observation_space.shape[0], eval_envs.single_action_space.shape[0]
-    policy = FlowNoisePolicy(obs_dim, act_dim, args.denoise_steps, args.sigma_min, args.sigma_max).to(device)
-    critic = mlp(obs_dim, 1).to(device)
+    eval_envs = VecEnv(args, args.num_eval_envs, real_shift, device, evaluation=True)
+    obs_dim, act_dim = eval_envs.obs_dim, eval_envs.act_dim
+    if sim_demos is not None and (sim_demos[0].shape[1], sim_demos[1].shape[1]) != (obs_dim, act_dim):
+        eval_envs.close()
+        fail(f"{args.demo_path} has obs/action dims {sim_demos[0].shape[1]}/{sim_demos[1].shape[1]}, "
+             f"{args.env_id} {obs_dim}/{act_dim}: pass demos made for this task")  # fmt: skip
+    K = args.denoising_steps
+    policy = FlowNoisePolicy(obs_dim, act_dim, K, args.sigma_min, args.sigma_max, args.hidden_dim).to(device)
+    critic = mlp(obs_dim, 1, args.hidden_dim).to(device)
     actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
     start_iter, global_step = 0, 0
     if ckpt is not None:
         try:
             policy.load_state_dict(ckpt["policy"])
             critic.load_state_dict(ckpt["critic"])
-        except RuntimeError:
-            raise SystemExit(
-                f"error: {args.checkpoint} does not match these network sizes / --env-id"
-            ) from None
-        actor_opt.load_state_dict(ckpt["actor_opt"])
-        critic_opt.load_state_dict(ckpt["critic_opt"])
+            actor_opt.load_state_dict(ckpt["actor_opt"])
+            critic_opt.load_state_dict(ckpt["critic_opt"])
+        except (RuntimeError, ValueError, KeyError):
+            eval_envs.close()
+            fail(
+                f"{args.checkpoint} does not fit these networks: pass its --hidden-dim and --denoising-steps"
+            )
+        for opt, lr in ((actor_opt, args.learning_rate), (critic_opt, args.critic_learning_rate)):
+            for (
+                group
+            ) in opt.param_groups:  # this run's flags, not the saved run's (RL from an SFT checkpoint)
+                group["lr"] = lr
         start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
 
     def run_eval():
-        out = {"sim": evaluate(policy, eval_envs, nominal, args.num_eval_episodes, device),
-               "real": evaluate(policy, eval_envs, real_shift, args.num_eval_episodes, device)}  # fmt: skip
-        if eval_shift is not None:
-            out["eval_shift"] = evaluate(policy, eval_envs, eval_shift, args.num_eval_episodes, device)
-        return out
+        return {
+            d: evaluate(policy, eval_envs, s, args.eval_episodes, args.seed + 10_000)
+            for d, s in domains.items()
+        }
 
     if args.evaluate:
-        print(json.dumps({"checkpoint": args.checkpoint, "global_step": global_step, **run_eval()}))
+        result = {"checkpoint": args.checkpoint, "global_step": global_step, "seed": args.seed, **run_eval()}
         eval_envs.close()
-        return
+        out = args.checkpoint.removesuffix(".pt") + ".eval.json"
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+        print(json.dumps(result), flush=True)
+        return result
+
+    eval_envs.set_shift(real_shift)
+    real_o, real_a = collect_real_demos(
+        eval_envs, args.real_demos, 10_000 + 1000 * args.seed, EXPERTS[args.env_id]
+    )
+    real_o, real_a = torch.as_tensor(real_o, device=device), torch.as_tensor(real_a, device=device)
+    sim_o = sim_a = None
+    if sim_demos is not None:
+        sim_o, sim_a = (torch.as_tensor(x, device=device) for x in sim_demos)
 
     from torch.utils.tensorboard import SummaryWriter
 
+    run_name = f"{args.env_id}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
+    n_sim = 0 if sim_o is None else len(sim_o)
+    backend = f"{args.sim_backend}, {args.vector_env}"
+    demos = f"{n_sim + len(real_o)} transitions ({n_sim} sim, {len(real_o)} real)"
+    print(f"run {run_dir} | env {args.env_id} ({backend}) | device {device} | demos {demos}", flush=True)
+    if ckpt is not None:
+        print(f"resumed {args.checkpoint} at step {global_step}", flush=True)
+    last_ckpt, rng_at_ckpt = (args.checkpoint, ckpt["rng"]) if ckpt else ("none", None)
 
-    def log_eval(results, step):
+    def checkpoint(names, iteration):
+        nonlocal last_ckpt, rng_at_ckpt
+        rng_at_ckpt = rng_states()
+        for name in names if args.save_model else ():
+            last_ckpt = f"{run_dir}/{name}"
+            nets = {"policy": policy, "critic": critic, "actor_opt": actor_opt, "critic_opt": critic_opt}
+            save_checkpoint(last_ckpt, **{k: v.state_dict() for k, v in nets.items()}, args=vars(args),
+                            global_step=global_step, iteration=iteration, rng=rng_at_ckpt)  # fmt: skip
+            print(f"checkpoint {last_ckpt}", flush=True)
+
+    def log_eval(step):
+        results = run_eval()
         for domain, res in results.items():
             for k, v in res.items():
                 writer.add_scalar(f"eval/{k}" if domain == "sim" else f"eval_{domain}/{k}", v, step)
         print(
-            f"eval step={step} " + " ".join(f"{d}={r['success_once']:.2f}" for d, r in results.items()),
+            f"eval step {step}: " + " ".join(f"{d}={r['success_once']:.2f}" for d, r in results.items()),
             flush=True,
         )
 
-    # ---- data: real demos from the shifted env (scripted expert), sim demos from the motion planner ----
-    sim_o = sim_a = None
-    if sim_ratio > 0 and ckpt is None:  # sim demos serve Stage I only
-        sim_o, sim_a = (
-            torch.as_tensor(x, device=device) for x in load_sim_demos(args.sim_demo_path, obs_dim, act_dim)
-        )
-    eval_envs.call("set_shift", real_shift)
-    real_o, real_a = collect_real_demos(
-        eval_envs, args.real_demos, 10_000 + 1000 * args.seed, args.max_episode_steps, EXPERTS[args.env_id]
-    )
-    real_o, real_a = torch.as_tensor(real_o, device=device), torch.as_tensor(real_a, device=device)
-    print(
-        f"real demos: {args.real_demos} ({len(real_o)} steps), "
-        f"sim demo steps: {0 if sim_o is None else len(sim_o)}"
-    )
+    def finite(loss, name):
+        if not torch.isfinite(loss):
+            fail(f"non-finite {name} at step {global_step}; last good checkpoint: {last_ckpt}")
+        return loss
 
     def demo_batch(n, ratio):
         """n samples: a ratio fraction from sim demos, the rest from real demos."""
@@ -652,84 +831,80 @@ def main(args: Args):
         i_s = torch.randint(len(sim_o), (n_sim,), device=device)
         return torch.cat([sim_o[i_s], real_o[i_r]]), torch.cat([sim_a[i_s], real_a[i_r]])
 
-    def checkpoint(iteration):
-        if args.save_model:
-            path = f"runs/{run_name}/final_ckpt.pt"
-            save_checkpoint(path, policy=policy.state_dict(), critic=critic.state_dict(),
-                            actor_opt=actor_opt.state_dict(), critic_opt=critic_opt.state_dict(),
-                            args=vars(args), env_id=args.env_id, iteration=iteration,
-                            global_step=global_step)  # fmt: skip
-            return path
-
     # ---- ALGO LOGIC: Stage I, SFT warm start on the real/sim mixture ----
     if ckpt is None:
         all_o = real_o if sim_o is None else torch.cat([sim_o, real_o])
         policy.obs_mean.copy_(all_o.mean(0))
         policy.obs_std.copy_(all_o.std(0).clamp_min(1e-3))  # constant features (e.g. zero qvel) stay finite
         sft_opt = torch.optim.Adam(policy.v.parameters(), lr=args.sft_lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(sft_opt, args.sft_steps)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(sft_opt, max(args.sft_steps, 1))
         t0 = time.time()
         for step in range(args.sft_steps):
-            loss = flow_matching_loss(policy, *demo_batch(args.sft_batch_size, sim_ratio))
+            loss = finite(flow_matching_loss(policy, *demo_batch(args.sft_batch_size, sim_ratio)), "sft_loss")
             sft_opt.zero_grad()
             loss.backward()
             sft_opt.step()
             sched.step()
             if step % 500 == 0 or step == args.sft_steps - 1:
                 writer.add_scalar("losses/sft_loss", loss.item(), step)
-                print(f"stage I step={step} sft_loss={loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-        log_eval(run_eval(), 0)
-        print(f"checkpoint: {checkpoint(0)}")
+                print(
+                    f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s",
+                    flush=True,
+                )
+        log_eval(0)
+        checkpoint(["sft.pt", "ckpt.pt"], 0)
     if args.num_iterations <= start_iter:
         eval_envs.close()
         writer.close()
         return
 
     # ---- ALGO LOGIC: Stage II, PPO in sim + beta * SFT on real demos ----
-    envs = make_vec_env(args, nominal, evaluation=False)
-    N, T, K = args.num_envs, args.num_steps, args.denoise_steps
+    envs = VecEnv(args, args.num_envs, domains["sim"], device, evaluation=False)
+    N, T = args.num_envs, args.num_steps
+    eval_iters = max(1, round(args.eval_freq / args.batch_size))
     obs_b = torch.zeros(T, N, obs_dim, device=device)
     chain_b = torch.zeros(T, N, K + 1, act_dim, device=device)
     logp_b, rew_b, done_b, val_b = (torch.zeros(T, N, device=device) for _ in range(4))
-    next_obs, _ = envs.reset(seed=[args.seed * 1000 + i for i in range(N)])
-    next_obs = torch.as_tensor(next_obs, device=device)
-    t_start, steps_start = time.time(), global_step
+    ep_return, ep_success = torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device)
+    set_rng_states(
+        rng_at_ckpt
+    )  # exact resume: the random state of the checkpoint, however long the envs took
+    next_obs = envs.reset([args.seed + global_step + i for i in range(N)])
     for iteration in range(start_iter + 1, args.num_iterations + 1):
+        t_iter, finished = time.time(), []
         for t in range(T):
             global_step += N
             obs_b[t] = next_obs
             with torch.no_grad():
-                chain = policy.sample(next_obs)
+                chain = sample_chain(policy, next_obs)
                 logp_b[t] = chain_log_prob(policy, next_obs, chain)
                 val_b[t] = critic(next_obs).squeeze(-1)
             chain_b[t] = chain
-            o, r, term, trunc, info = envs.step(chain[:, -1].clamp(-1, 1).cpu().numpy())
-            r = torch.as_tensor(r, device=device, dtype=torch.float32)
-            if "final_obs" in info:  # bootstrap truncated episodes with V(final obs)
-                for i in np.where(info["_final_obs"] & trunc & ~term)[0]:
-                    with torch.no_grad():
-                        r[i] += (
-                            args.gamma
-                            * critic(torch.as_tensor(info["final_obs"][i], device=device)).squeeze()
-                        )
-                ep = info["final_info"]["episode"]
-                for i in np.where(info["_final_info"])[0]:
-                    writer.add_scalar("charts/episodic_return", ep["return"][i], global_step)
-                    writer.add_scalar("charts/success_once", ep["success_once"][i], global_step)
-            rew_b[t], done_b[t] = r, torch.as_tensor(term | trunc, device=device, dtype=torch.float32)
-            next_obs = torch.as_tensor(o, device=device)
+            obs, r, term, trunc, success = envs.step(chain[:, -1].clamp(-1, 1))
+            ep_return += r
+            ep_success |= success
+            cut = trunc & ~term
+            if cut.any():  # a truncated episode is bootstrapped with V(its last obs)
+                with torch.no_grad():
+                    r = torch.where(cut, r + args.gamma * critic(obs).squeeze(-1), r)
+            done = term | trunc
+            rew_b[t], done_b[t] = r, done.float()
+            for i in done.nonzero()[:, 0].tolist():
+                finished.append((ep_return[i].item(), float(ep_success[i])))
+                writer.add_scalar("charts/episodic_return", ep_return[i].item(), global_step)
+                writer.add_scalar("charts/success_once", float(ep_success[i]), global_step)
+            ep_return[done], ep_success[done] = 0.0, False
+            next_obs = envs.reset_done(done, obs)
         with torch.no_grad():
-            adv_b, ret_b = gae(
-                rew_b, val_b, critic(next_obs).squeeze(-1), done_b, args.gamma, args.gae_lambda
-            )
+            next_value = critic(next_obs).squeeze(-1)
+        adv_b, ret_b = gae(rew_b, val_b, done_b, next_value, args.gamma, args.gae_lambda)
 
         b_obs, b_chain = obs_b.reshape(-1, obs_dim), chain_b.reshape(-1, K + 1, act_dim)
         b_logp, b_adv, b_ret = logp_b.reshape(-1), adv_b.reshape(-1), ret_b.reshape(-1)
         actor_on = iteration > args.critic_warmup_iters
         for _epoch in range(args.update_epochs):
-            perm = torch.randperm(args.batch_size, device=device)
-            for mb in perm.split(args.minibatch_size):
-                v_loss = 0.5 * ((critic(b_obs[mb]).squeeze(-1) - b_ret[mb]) ** 2).mean()
+            for mb in torch.randperm(args.batch_size, device=device).tensor_split(args.num_minibatches):
+                v_loss = finite(0.5 * ((critic(b_obs[mb]).squeeze(-1) - b_ret[mb]) ** 2).mean(), "value_loss")
                 critic_opt.zero_grad()
                 (args.vf_coef * v_loss).backward()
                 nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
@@ -740,31 +915,39 @@ def main(args: Args):
                 pg_loss, approx_kl = ppo_policy_loss(
                     chain_log_prob(policy, b_obs[mb], b_chain[mb]), b_logp[mb], adv, args.clip_coef
                 )
-                sft_loss = (
-                    flow_matching_loss(policy, *demo_batch(args.sft_batch_size, 0.0))
-                    if beta > 0
-                    else torch.zeros(())
-                )
+                sft_loss = torch.zeros((), device=device)
+                if beta > 0:
+                    sft_loss = flow_matching_loss(policy, *demo_batch(args.sft_batch_size, 0.0))
                 actor_opt.zero_grad()
-                rl_co_loss(pg_loss, sft_loss, beta).backward()
+                finite(rl_co_loss(pg_loss, sft_loss, beta), "policy_loss").backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 actor_opt.step()
             if actor_on and approx_kl.item() > args.target_kl:
                 break
 
-        sps = int((global_step - steps_start) / (time.time() - t_start))
+        sps = int(N * T / (time.time() - t_iter))
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         if actor_on:
             writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
             writer.add_scalar("losses/sft_real_loss", sft_loss.item(), global_step)
             writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        print(f"iter={iteration}/{args.num_iterations} step={global_step} SPS={sps} "
-              f"rollout_reward={rew_b.mean().item():.3f} value_loss={v_loss.item():.4f}",
-              flush=True)  # fmt: skip
-        if iteration % args.eval_freq == 0 or iteration == args.num_iterations:
-            log_eval(run_eval(), global_step)
-            print(f"checkpoint: {checkpoint(iteration)}")
+        eta = (args.num_iterations - iteration) * N * T / max(sps, 1) / 60
+        train = "none ended"
+        if finished:
+            ret, succ = np.mean(finished, 0)
+            train = f"return {ret:.2f} success {succ:.2f} ({len(finished)})"
+        progress = (
+            f"step {global_step}/{args.num_iterations * args.batch_size} | {sps} steps/s | ETA {eta:.0f}m"
+        )
+        print(f"{progress} | train episodes (end at success): {train}", flush=True)
+        if iteration % eval_iters == 0 or iteration == args.num_iterations:
+            log_eval(global_step)
+            checkpoint(["ckpt.pt"], iteration)
+            if iteration < args.num_iterations:  # where a run resumed from this checkpoint starts
+                next_obs = envs.reset([args.seed + global_step + i for i in range(N)])
+                ep_return.zero_()
+                ep_success.zero_()
     envs.close()
     eval_envs.close()
     writer.close()
