@@ -4,11 +4,11 @@ Online Reinforcement Learning", Sec. 4 and App. B; official code github.com/Rein
 
 A policy acts with chunks of Ta actions of dimension Da, flattened into a = x in R^D, D = Ta*Da, [-1, 1]^D.
 
-Pretraining, 1-Rectified Flow (--flow reflow):
+SFT, 1-Rectified Flow (--flow reflow):
     x_0 ~ N(0, I),  x_1 = a (a demo chunk),  t ~ U(0, 1),  x_t = t x_1 + (1 - t) x_0
     L_RF = || v_theta(x_t, t, s) - (x_1 - x_0) ||^2
-Pretraining, Shortcut model (--flow shortcut, Frans et al. 2024): v_theta(x, t, s, d) also sees the step
-size d; besides L_RF at d = 0 it learns that one step of size 2d equals two steps of size d:
+SFT, Shortcut model (--flow shortcut, Frans et al. 2024): v_theta(x, t, s, d) also sees the step size d;
+besides L_RF at d = 0 it learns that one step of size 2d equals two steps of size d:
     x' = x_t + d v(x_t, t, s, d),   target(2d) = stopgrad[(v(x_t, t, s, d) + v(x', t + d, s, d)) / 2]
 Weights are averaged by an EMA (decay 0.995); fine-tuning starts from the EMA weights.
 
@@ -25,12 +25,21 @@ Log-likelihood of the whole denoising chain (a Markov chain with Gaussian transi
 (K + 1) D Gaussian terms it sums, as the official code does; the entropy is that of the same Gaussians:
     log pi(x_0:K | s) = [ log N(x_0; 0, I) + sum_k log N(x_{k+1}; mu_k, sigma_k^2) ] / ((K + 1) D)
     H = [ D/2 log(2 pi e) + sum_k sum_i 1/2 log(2 pi e sigma_{k,i}^2) ] / ((K + 1) D)
+Where this is not the exact density (as in the official code): (1) eps is clipped to [-3, 3], so 0.27 % of
+noise entries sit at +-3 and are scored with the Gaussian density there. (2) The chain keeps clip(x_K, -1, 1)
+and scores it with the Gaussian density, although a clipped entry has the probability of the Gaussian's tail:
+at initialisation 13.6 % of the entries of x_K are on the clip (9.5 % with PickCube's sigma in [0.02, 0.05];
+tests/test_reinflow.py::test_clamp_fraction), and their PPO ratio is that of the density at the boundary, not
+of the tail mass. Kept: the official method does this, every result below was made with it, and the sampler
+and scorer agree on it exactly (tests check the sampler against the scorer on the unclipped steps).
 
-PPO, one ratio per chunk decision: r = exp(log pi_new - log pi_old) (both clipped to [-c_lp, c_lp]),
+PPO, one ratio per chunk decision: r = exp(log pi_new - log pi_old),
     L_pi = E[ max(-A r, -A clip(r, 1 - eps, 1 + eps)) ] - c_H H + c_BC ||ODE_theta(s, 0) - ODE_ref(s, 0)||^2
     L_V  = 1/2 E[(V(s) - R)^2]
 with A from GAE(gamma, lambda) over chunk steps whose reward is the chunk's summed reward, scaled by a
-running std of discounted returns. sigma_max decays (hold, then cosine) as training goes on.
+running std of discounted returns. sigma_max decays (hold, then cosine) as training goes on. The official
+code also clips the normalised log-probs to [-1, 1]; with a small sigma (PickCube) every log-prob exceeds 1
+and that clip zeroes the policy gradient, so there is none here.
 """
 
 import functools
@@ -41,7 +50,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -53,98 +62,92 @@ import tyro
 
 @dataclass
 class Args:
-    exp_name: str = "reinflow"
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
+    seed: int | None = None
+    """1 for a new run; with --checkpoint, the checkpoint's seed"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled and CUDA exists, use it (and ManiSkill's physx_cuda simulator)"""
+    """if toggled and CUDA exists, use it (and, with --sim-backend auto, ManiSkill's physx_cuda)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanflow"
     """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
     capture_video: bool = False
     """if toggled, record videos of the evaluation episodes to videos/{run_name}"""
     save_model: bool = True
-    """if toggled, save checkpoints (pretrained.pt, then ckpt.pt every eval) to runs/{run_name}"""
+    """if toggled, save checkpoints (sft.pt after SFT, ckpt.pt at every evaluation) to runs/{run_name}"""
     checkpoint: str | None = None
-    """a checkpoint of this script: resume training (pretrained -> fine-tune, fine-tune -> continue)"""
+    """a checkpoint of this script: sft.pt starts RL from it, ckpt.pt resumes the run exactly"""
     evaluate: bool = False
-    """with --checkpoint: only evaluate the checkpoint's policy with the deterministic ODE"""
-    collect_demos: int = 0
-    """with --checkpoint: roll out the policy for this many episodes and write them to --demo-out (npz)"""
-    demo_out: str = "demos/collected.npz"
-    """where --collect-demos writes obs, actions, episode_ends, returns"""
+    """with --checkpoint: only evaluate its policy with the deterministic ODE, write <checkpoint>.eval.json"""
 
     # Environment
     env_id: str = "PickCube-v1"
     """a ManiSkill3 task id (state observations) or a gymnasium MuJoCo id such as Hopper-v5"""
     control_mode: str = "pd_ee_delta_pos"
     """ManiSkill controller (must match the demos' control mode)"""
-    ignore_terminations: bool = True
-    """ManiSkill: success does not end an episode (it runs to the time limit, as in ManiSkill's baselines),
-    so a dense reward cannot be gamed by delaying success; MuJoCo terminations always apply"""
     max_episode_steps: int | None = None
     """episode length limit; None = the env's default (use 100 on PickCube with motion-planned demos)"""
     num_envs: int = 2
-    """parallel environments (CPU: processes; GPU ManiSkill: envs in one process)"""
+    """parallel training environments"""
     num_eval_envs: int = 2
     """parallel evaluation environments"""
+    sim_backend: Literal["auto", "physx_cpu", "physx_cuda"] = "auto"
+    """auto: physx_cuda when --cuda and a GPU exist, else physx_cpu; ignored for gymnasium/MuJoCo ids"""
+    vector_env: Literal["auto", "gymnasium", "maniskill"] = "auto"
+    """gymnasium: one simulator per process in gymnasium's AsyncVectorEnv (CPU; MuJoCo and single envs run in
+    this process); maniskill: ManiSkill's batched env in ManiSkillVectorEnv, the GPU path (on physx_cpu it
+    needs --num-envs 1 and is how the tests run the GPU code); auto: maniskill on physx_cuda, else gymnasium.
+    ManiSkill episodes run to the time limit (success does not end them, as in ManiSkill's baselines)."""
+    eval_freq: int = 10_000
+    """evaluate (and checkpoint) every this many env steps (all envs together), rounded to whole iterations"""
     eval_episodes: int = 20
     """episodes per evaluation"""
-    eval_freq: int = 10
-    """evaluate (and checkpoint) every this many PPO iterations"""
 
-    # Demonstrations and pretraining
-    demo_path: str | None = None
-    """ManiSkill h5 (+ json sidecar) or npz with obs (N, obs_dim), actions (N, act_dim), episode_ends (E,)"""
-    num_demos: int | None = None
-    """use only the first num_demos episodes of the demo file"""
+    # Flow policy
     flow: Literal["reflow", "shortcut"] = "reflow"
-    """pretraining objective: 1-Rectified Flow or Shortcut model"""
-    pretrain_steps: int = 20000
-    """gradient steps of behaviour cloning (0: start PPO from a randomly initialised flow policy)"""
-    pretrain_batch_size: int = 256
-    """minibatch size of behaviour cloning"""
-    pretrain_lr: float = 1e-3
-    """learning rate of behaviour cloning"""
-    ema_decay: float = 0.995
-    """EMA decay of the pretrained weights"""
-    shortcut_fraction: float = 0.25
-    """fraction of each shortcut batch trained on self-consistency targets"""
-
-    # Policy
-    horizon: int = 4
-    """Ta, actions per chunk (all are executed)"""
+    """SFT objective: 1-Rectified Flow or Shortcut model"""
     denoising_steps: int = 4
     """K, denoising (Euler) steps of the flow policy"""
     hidden_dim: int = 256
     """width of the 3-layer velocity and critic MLPs"""
+    action_horizon: int = 4
+    """Ta, actions per chunk (all are executed)"""
     sigma_min: float = 0.10
     """lower bound of the exploration noise std (official MuJoCo value; keep it below the demos' action
     scale: PickCube motion-planned demos move xyz by ~0.05, use 0.02 there)"""
     sigma_max: float = 0.24
     """initial upper bound of the exploration noise std (PickCube: 0.05)"""
-    sigma_max_decay_ratio: float = 0.7
-    """sigma_max anneals to sigma_min + ratio (sigma_max - sigma_min)"""
-    sigma_max_hold_ratio: float = 0.35
-    """fraction of iterations at the initial sigma_max before the cosine anneal"""
-    eps_clip: float = 3.0
-    """the standard-normal noise of each step is clipped to [-eps_clip, eps_clip]"""
+
+    # Demonstrations and SFT
+    demo_path: str | None = None
+    """ManiSkill h5 (+ json sidecar) or npz with obs (N, obs_dim), actions (N, act_dim), episode_ends (E,)"""
+    num_demos: int | None = None
+    """use only the first num_demos episodes of the demo file"""
+    sft_steps: int = 20000
+    """gradient steps of behaviour cloning (0: start PPO from a randomly initialised flow policy)"""
+    sft_batch_size: int = 256
+    """minibatch size of behaviour cloning"""
+    sft_lr: float = 1e-3
+    """learning rate of behaviour cloning"""
+    save_demos: int = 0
+    """with --checkpoint: roll out the noise-free policy for this many episodes, write them to --demo-out"""
+    demo_out: str = "demos/reinflow_demos.npz"
+    """npz of obs (N, obs_dim), actions (N, act_dim), episode_ends (E,), returns (E,)"""
 
     # PPO fine-tuning
     total_timesteps: int = 200_000
     """environment steps of fine-tuning"""
     num_steps: int = 125
-    """chunk decisions per env per PPO iteration (env steps = num_steps * horizon)"""
-    actor_lr: float = 4.5e-5
+    """chunk decisions per env per PPO iteration (env steps = num_steps * action_horizon)"""
+    learning_rate: float = 4.5e-5
     """learning rate of the velocity and noise networks"""
-    critic_lr: float = 6.5e-4
+    critic_learning_rate: float = 6.5e-4
     """learning rate of the critic"""
+    critic_warmup_iters: int = 2
+    """PPO iterations that update only the critic"""
     gamma: float = 0.99
     """discount per chunk step"""
     gae_lambda: float = 0.95
@@ -155,23 +158,16 @@ class Args:
     """epochs per PPO iteration"""
     clip_coef: float = 0.01
     """PPO ratio clip"""
-    logprob_clip: float | None = None
-    """clip normalised chain log-probs to [-c, c] against collapse (official: 1.0 with sigma in [0.1, 0.24]);
-    with a small sigma every log-prob exceeds 1 and the clip zeroes the policy gradient, so None = off"""
     ent_coef: float = 0.03
     """entropy bonus coefficient"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     bc_coef: float = 0.0
-    """weight of the W2 regulariser towards the frozen pretrained ODE policy (0: off)"""
+    """weight of the W2 regulariser towards the frozen SFT ODE policy (0: off)"""
     max_grad_norm: float = 1.0
     """gradient norm clip"""
     target_kl: float = 1.0
     """stop the update epochs when approx KL exceeds this"""
-    critic_warmup_iters: int = 2
-    """PPO iterations that update only the critic"""
-    reward_scale: bool = True
-    """divide rewards by a running std of discounted returns"""
 
     # filled at runtime
     batch_size: int = 0
@@ -179,145 +175,134 @@ class Args:
     num_iterations: int = 0
 
 
-def fail(msg: str):
-    raise SystemExit(f"error: {msg}")
+# ---------------------------------------------------------------- ALGO LOGIC: the method's math
+EPS_CLIP = 3.0  # the standard-normal noise of each denoising step is truncated to [-3, 3]
 
 
-# ---------------------------------------------------------------- environments
-def is_maniskill(env_id: str) -> bool:
-    if env_id not in gym.registry:  # importing ManiSkill (seconds) only when gymnasium lacks the id
-        import mani_skill.envs  # noqa: F401  registers its ids with gymnasium
-    entry = getattr(gym.registry.get(env_id), "entry_point", None)
-    return getattr(getattr(entry, "func", entry), "__module__", "").startswith("mani_skill")
+def squash_sigma(h, sigma_min, sigma_max):
+    """tanh squashes the noise net's output into [log sigma_min^2, log sigma_max^2], then sigma = exp(l/2)."""
+    lo, hi = 2 * math.log(sigma_min), 2 * math.log(sigma_max)
+    return torch.exp(0.5 * (lo + (hi - lo) * (torch.tanh(h) + 1) / 2))
 
 
-EPISODE_KEYS = ("episode_return", "episode_length", "success_once", "success_at_end")
+def sigma_max_schedule(it, n_iters, sigma_min, sigma_max, hold_ratio=0.35, decay_ratio=0.7):
+    """Hold sigma_max for hold_ratio of the iterations, then cosine-anneal it to
+    sigma_min + decay_ratio (sigma_max - sigma_min)."""
+    end = sigma_min + decay_ratio * (sigma_max - sigma_min)
+    frac = min(max((it - hold_ratio * n_iters) / max((1 - hold_ratio) * n_iters, 1), 0.0), 1.0)
+    return end + (sigma_max - end) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-class ChunkWrapper(gym.Wrapper):
-    """Executes a chunk of Ta actions in [-1, 1] (stopping at episode end), returns the summed reward and,
-    at the episode end, its return, length and success. self.executed holds the chunk's (obs, env action)."""
-
-    def __init__(self, env, horizon: int):
-        super().__init__(env)
-        self.lo, self.hi = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
-        self.action_space = gym.spaces.Box(-1, 1, (horizon, env.action_space.shape[0]), np.float32)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
-
-    def reset(self, **kw):
-        self.ret, self.len, self.succ = 0.0, 0, False
-        self.obs = np.asarray(self.env.reset(**kw)[0], np.float32)
-        return self.obs, {}
-
-    def step(self, chunk):
-        total, out, self.executed = 0.0, {}, []
-        for a in chunk:
-            a = self.lo + (np.clip(a, -1, 1) + 1) * (self.hi - self.lo) / 2
-            self.executed.append((self.obs, a))
-            obs, r, term, trunc, info = self.env.step(a)
-            self.obs = np.asarray(obs, np.float32)
-            total += float(r)
-            self.ret, self.len = self.ret + float(r), self.len + 1
-            self.succ |= bool(info.get("success", False))
-            if term or trunc:
-                end_succ = float(bool(info.get("success", False)))
-                out = dict(zip(EPISODE_KEYS, (self.ret, self.len, float(self.succ), end_succ), strict=True))
-                break
-        return self.obs, total, bool(term), bool(trunc), out
+def log_normal(z, sigma):
+    """log N(x; mu, sigma^2) summed over the last dim, with z = (x - mu) / sigma."""
+    return (-0.5 * z**2 - sigma.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def make_env(
-    env_id, control_mode, max_episode_steps, ignore_terminations=False, horizon=0, video_dir=None, gpu_envs=0
-):
-    """One CPU env with numpy API, chunked when horizon > 0 (AsyncVectorEnv spawns thunks of it); with
-    gpu_envs > 0 the raw ManiSkill physx_cuda env holding that many envs in one process."""
-    render_mode = "rgb_array" if video_dir else None
-    if is_maniskill(env_id):
-        from mani_skill.utils.wrappers import RecordEpisode
-        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-        kw = dict(obs_mode="state", control_mode=control_mode, reward_mode="normalized_dense")
-        kw |= dict(enhanced_determinism=True)  # else unseeded resets use the worker's unseeded torch RNG
-        kw |= dict(max_episode_steps=max_episode_steps) if max_episode_steps else {}
-        if gpu_envs:
-            kw |= dict(num_envs=gpu_envs, sim_backend="physx_cuda")
-        else:
-            kw |= dict(sim_backend="physx_cpu", render_backend="cpu")
-        env = gym.make(env_id, render_mode=render_mode, **kw)
-        if video_dir:
-            env = RecordEpisode(env, video_dir, save_trajectory=False, max_steps_per_video=max_episode_steps)
-        if gpu_envs:
-            return env
-        env = CPUGymWrapper(env, ignore_terminations=ignore_terminations)
-    else:
-        env = gym.make(env_id, max_episode_steps=max_episode_steps, render_mode=render_mode)
-        if video_dir:
-            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: True)
-    return ChunkWrapper(env, horizon) if horizon else env
+@torch.no_grad()
+def sample_chain(policy, s, K, sigma_min, sigma_max):
+    """Runs the K-step chain; returns the chain (B, K+1, D), whose last entry is the action clip(x_K), and its
+    normalised log-prob computed here from the drawn noise (PPO's stored log pi_old)."""
+    x = torch.randn(s.shape[0], policy.D, device=s.device, dtype=s.dtype)
+    chain = [x]
+    logp = -0.5 * (x**2).sum(-1) - 0.5 * policy.D * math.log(2 * math.pi)  # log N(x_0; 0, I)
+    for k in range(K):
+        mu, sigma = policy.transition(x, k / K, K, s, sigma_min, sigma_max)
+        eps = torch.randn_like(mu).clamp(-EPS_CLIP, EPS_CLIP)
+        x = mu + sigma * eps
+        if k == K - 1:  # the chain keeps the executed action, and the log-prob scores that value
+            x = x.clamp(-1, 1)
+            eps = (x - mu) / sigma
+        chain.append(x)
+        logp = logp + log_normal(eps, sigma)
+    return torch.stack(chain, 1), logp / ((K + 1) * policy.D)
 
 
-class ChunkVecEnv:
-    """n chunked envs with same-step autoreset; step takes flat chunks (n, Ta*Da) and returns obs, reward,
-    terminated, truncated, final_obs (the true next obs), episodes (list of dicts, with the env index "env").
-    CPU: gymnasium vector env of ChunkWrapper envs (ManiSkill: AsyncVectorEnv with spawn, SAPIEN is not
-    fork-safe). GPU (ManiSkill physx_cuda): all envs in one process; an env that ends inside a chunk is reset
-    by ManiSkill at once and runs the chunk's remaining actions in its next episode; they are excluded from
-    the reward."""
+def chain_log_prob(policy, s, chain, K, sigma_min, sigma_max):
+    """Normalised log pi(x_0:J | s) and entropy of a chain (B, J+1, D) on the grid of K steps (J = K: the
+    whole     chain; J < K scores its first J steps); see the module docstring."""
+    n, D = chain.shape[1], chain.shape[-1]
+    logp = -0.5 * (chain[:, 0] ** 2).sum(-1) - 0.5 * D * math.log(2 * math.pi)
+    entropy = torch.full_like(logp, 0.5 * D * math.log(2 * math.pi * math.e))
+    for k in range(n - 1):
+        mu, sigma = policy.transition(chain[:, k], k / K, K, s, sigma_min, sigma_max)
+        logp = logp + log_normal((chain[:, k + 1] - mu) / sigma, sigma)
+        entropy = entropy + (sigma.log() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+    return logp / (n * D), entropy / (n * D)
 
-    def __init__(self, n, env_kw, gpu, video_dir=None):
-        self.gpu, self.n = gpu, n
-        if gpu:
-            from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-            env = make_env(**env_kw, video_dir=video_dir, gpu_envs=n)
-            self.envs = ManiSkillVectorEnv(
-                env, n, ignore_terminations=env_kw["ignore_terminations"], record_metrics=True
-            )
-        else:
-            videos = [video_dir] + [None] * (n - 1)  # the first env records
-            thunks = [functools.partial(make_env, **env_kw, video_dir=v) for v in videos]
-            same_step = gym.vector.AutoresetMode.SAME_STEP
-            # one process per simulator; MuJoCo is fast enough in-process
-            if n > 1 and is_maniskill(env_kw["env_id"]):
-                self.envs = gym.vector.AsyncVectorEnv(thunks, context="spawn", autoreset_mode=same_step)
-            else:
-                self.envs = gym.vector.SyncVectorEnv(thunks, autoreset_mode=same_step)
-        self.act_shape = (env_kw["horizon"], self.envs.single_action_space.shape[-1])
+def ode_action(policy, s, K, x0):
+    """Deterministic Euler ODE from x0 (with gradients): evaluation and the BC regulariser."""
+    x = x0
+    for k in range(K):
+        x = policy.euler(x, k / K, K, s)[0]
+    return x
 
-    def reset(self, seed):
-        obs = self.envs.reset(seed=seed)[0]
-        return obs.cpu().numpy() if self.gpu else obs
 
-    def step(self, actions):
-        if not self.gpu:
-            obs, r, term, trunc, info = self.envs.step(actions.reshape(-1, *self.act_shape).cpu().numpy())
-            final_obs, episodes = obs.copy(), []
-            for i in np.flatnonzero(term | trunc):
-                final_obs[i] = info["final_obs"][i]
-                episodes.append({k: float(info["final_info"][k][i]) for k in EPISODE_KEYS} | {"env": int(i)})
-            return obs, r.astype(np.float32), term, trunc, final_obs, episodes
-        a = actions.reshape(-1, *self.act_shape).to(self.envs.device)
-        done, term, trunc = (torch.zeros(len(a), dtype=torch.bool, device=a.device) for _ in range(3))
-        reward = torch.zeros(len(a), device=a.device)
-        final_obs, episodes = None, []
-        for i in range(a.shape[1]):
-            obs, r, te, tr, info = self.envs.step(a[:, i])
-            reward += r * ~done
-            new = (te | tr) & ~done
-            if final_obs is None:
-                final_obs = obs.clone()
-            final_obs[~done] = (info["final_observation"] if new.any() else obs)[~done]
-            if new.any():
-                ep, succ = info["final_info"]["episode"], info["final_info"]["success"]
-                cols = (ep["return"], ep["episode_len"], ep["success_once"], succ)
-                for j in new.nonzero().flatten().tolist():
-                    ep_j = {k: float(c[j]) for k, c in zip(EPISODE_KEYS, cols, strict=True)}
-                    episodes.append(ep_j | {"env": j})
-            term, trunc, done = term | (te & new), trunc | (tr & new), done | new
-        return tuple(x.cpu().numpy() for x in (obs, reward, term, trunc, final_obs)) + (episodes,)
+def rectified_flow_loss(v, s, a):
+    x0 = torch.randn_like(a)
+    t = torch.rand(a.shape[0], device=a.device)
+    xt = t[:, None] * a + (1 - t[:, None]) * x0
+    return F.mse_loss(v(xt, t, s, torch.zeros_like(t))[0], a - x0)
 
-    def close(self):
-        self.envs.close()
+
+def shortcut_loss(v, s, a, fraction=0.25, log2_max_steps=7):
+    """L_RF at d = 0 on most of the batch; self-consistency v(x_t,t,2d) = mean of two d-steps on the rest."""
+    n_sc = int(a.shape[0] * fraction)
+    loss = rectified_flow_loss(v, s[n_sc:], a[n_sc:])
+    if n_sc == 0:
+        return loss
+    s, a = s[:n_sc], a[:n_sc]
+    d = 2.0 ** -torch.randint(1, log2_max_steps + 1, (n_sc,), device=a.device).float()  # 2d in {1, ..., 2^-6}
+    t = torch.rand(n_sc, device=a.device) * (1 - 2 * d)
+    x0 = torch.randn_like(a)
+    xt = t[:, None] * a + (1 - t[:, None]) * x0
+    with torch.no_grad():
+        v1 = v(xt, t, s, d)[0]
+        v2 = v(xt + d[:, None] * v1, t + d, s, d)[0]
+    return loss + F.mse_loss(v(xt, t, s, 2 * d)[0], (v1 + v2) / 2) * fraction
+
+
+def ppo_policy_loss(new_logp, old_logp, adv, clip_coef):
+    """Clipped surrogate on normalised chain log-probs; returns loss, ratio, approx KL, clip fraction."""
+    logratio = new_logp - old_logp
+    ratio = logratio.exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    return loss, ratio, approx_kl, clipfrac
+
+
+def gae(rewards, values, dones, next_value, gamma, gae_lambda):
+    """GAE over (T, N) steps; dones[t] = the episode ended at step t (no bootstrap from t + 1; a truncation's
+    bootstrap is folded into rewards[t] beforehand). Returns (advantages, returns)."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nv = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
+        adv[t] = last
+    return adv, adv + values
+
+
+class RunningReturnStd:
+    """Running variance of discounted returns (per env), for reward scaling."""
+
+    def __init__(self, num_envs, gamma):
+        self.ret = np.zeros(num_envs)
+        self.gamma = gamma
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, r, done):
+        self.ret = self.ret * self.gamma + r
+        b_mean, b_var, b_n = self.ret.mean(), self.ret.var(), len(r)
+        delta, tot = b_mean - self.mean, self.count + b_n
+        self.mean += delta * b_n / tot
+        self.var = (self.var * self.count + b_var * b_n + delta**2 * self.count * b_n / tot) / tot
+        self.count = tot
+        self.ret[done] = 0.0
+        return r / np.sqrt(self.var + 1e-8)
 
 
 # ---------------------------------------------------------------- networks
@@ -356,12 +341,6 @@ class VelocityNet(nn.Module):
         return self.net(torch.cat(feats, -1)), te
 
 
-def squash_sigma(h, sigma_min, sigma_max):
-    """tanh squashes the noise net's output into [log sigma_min^2, log sigma_max^2], then sigma = exp(l/2)."""
-    lo, hi = 2 * math.log(sigma_min), 2 * math.log(sigma_max)
-    return torch.exp(0.5 * (lo + (hi - lo) * (torch.tanh(h) + 1) / 2))
-
-
 class FlowPolicy(nn.Module):
     def __init__(self, obs_dim, horizon, act_dim, hidden=256, shortcut=False):
         super().__init__()
@@ -370,15 +349,16 @@ class FlowPolicy(nn.Module):
         # sigma_theta'(s, t_k) sees the velocity net's time features, detached as in the official code
         self.sigma_net = mlp([16 + obs_dim, 64, 64, self.D], act=nn.Tanh)
 
-    def euler(self, x, k, K, s):
-        """mu_k = clip(x_k + v_theta(x_k, t_k, s) dt, -1, 1) on the grid t_k = k/K, and the time features."""
-        t = torch.full((x.shape[0],), k / K, dtype=x.dtype, device=x.device)
+    def euler(self, x, t, K, s):
+        """mu = clip(x + v_theta(x, t, s) / K, -1, 1), one Euler step of size 1/K from time t, and the time
+        features."""
+        t = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         v, te = self.v(x, t, s, torch.full_like(t, 1 / K))
         return (x + v / K).clamp(-1, 1), te
 
-    def transition(self, x, k, K, s, sigma_min, sigma_max):
-        """mu_k, sigma_k of p(x_{k+1} | x_k, s)."""
-        mu, te = self.euler(x, k, K, s)
+    def transition(self, x, t, K, s, sigma_min, sigma_max):
+        """mu_k, sigma_k of p(x_{k+1} | x_k, s) at t = t_k."""
+        mu, te = self.euler(x, t, K, s)
         return mu, squash_sigma(self.sigma_net(torch.cat([te.detach(), s], -1)), sigma_min, sigma_max)
 
 
@@ -391,121 +371,203 @@ class Critic(nn.Module):
         return self.net(s).squeeze(-1)
 
 
-# ---------------------------------------------------------------- ALGO LOGIC: the math
-def chain_log_prob(policy, s, chain, K, sigma_min, sigma_max):
-    """Normalised log pi(x_0:K | s) and entropy of the chain (B, K+1, D); see the module docstring."""
-    D = chain.shape[-1]
-    logp = -0.5 * (chain[:, 0] ** 2).sum(-1) - 0.5 * D * math.log(2 * math.pi)
-    entropy = torch.full_like(logp, 0.5 * D * math.log(2 * math.pi * math.e))
-    for k in range(K):
-        mu, sigma = policy.transition(chain[:, k], k, K, s, sigma_min, sigma_max)
-        z = (chain[:, k + 1] - mu) / sigma
-        logp = logp + (-0.5 * z**2 - sigma.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-        entropy = entropy + (sigma.log() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
-    return logp / ((K + 1) * D), entropy / ((K + 1) * D)
+# ---------------------------------------------------------------- validation and environments
+def fail(msg: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 1, not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def is_maniskill(env_id: str) -> bool:
+    """True for a ManiSkill3 id, False for a gymnasium one; fail() for an id neither knows."""
+    if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
+        import mani_skill.envs  # noqa: F401
+    if env_id not in gym.registry:
+        fail(
+            f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)"  # noqa: E501
+        )
+    entry = gym.registry[env_id].entry_point
+    entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
+    return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
+
+
+def make_maniskill(args: Args, num_envs: int, video_dir: str | None = None):
+    """The one ManiSkill gym.make: a CPU worker's env, or num_envs in one batch (--vector-env maniskill)."""
+    import mani_skill.envs  # noqa: F401  (registers the ids, in a spawned worker too)
+
+    kw = dict(max_episode_steps=args.max_episode_steps) if args.max_episode_steps else {}
+    kw |= dict(render_backend="cpu") if args.sim_backend == "physx_cpu" else {}
+    env = gym.make(
+        args.env_id, num_envs=num_envs, obs_mode="state", control_mode=args.control_mode,
+        reward_mode="normalized_dense", sim_backend=args.sim_backend,
+        render_mode="rgb_array" if video_dir else None,
+        enhanced_determinism=True,  # else unseeded resets use the process's unseeded torch RNG
+        **kw,
+    )  # fmt: skip
+    if video_dir:
+        from mani_skill.utils.wrappers import RecordEpisode
+
+        env = RecordEpisode(env, video_dir, save_trajectory=False, max_steps_per_video=args.max_episode_steps)
+    return env
+
+
+def make_env(args: Args, video_dir: str | None = None):
+    """One env with the numpy API (a worker of the CPU vector env)."""
+    if is_maniskill(args.env_id):
+        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+        return CPUGymWrapper(make_maniskill(args, 1, video_dir), ignore_terminations=True)
+    env = gym.make(
+        args.env_id, max_episode_steps=args.max_episode_steps, render_mode="rgb_array" if video_dir else None
+    )
+    return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: True) if video_dir else env
+
+
+class InProcessEnvs:
+    """n envs stepped in this process with the vector API and no autoreset. An env whose episode ended is not
+    stepped again until it is reset (gymnasium's SyncVectorEnv asserts there instead)."""
+
+    def __init__(self, thunks):
+        self.envs = [make() for make in thunks]
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self.obs = np.zeros((len(self.envs), *self.single_observation_space.shape), np.float32)
+        self.ended = np.zeros(len(self.envs), bool)
+
+    def reset(self, seed=None, options=None):
+        mask = options["reset_mask"] if options else np.ones(len(self.envs), bool)
+        for i in np.flatnonzero(mask):
+            self.obs[i] = self.envs[i].reset(seed=None if seed is None else seed + int(i))[0]
+        self.ended[mask] = False
+        return self.obs.copy(), {}
+
+    def step(self, actions):
+        n = len(self.envs)
+        r, term, trunc, success = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        for i in np.flatnonzero(~self.ended):
+            self.obs[i], r[i], term[i], trunc[i], info = self.envs[i].step(actions[i])
+            success[i] = info.get("success", False)
+        self.ended |= term | trunc
+        return self.obs.copy(), r, term, trunc, {"success": success}
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_envs(args: Args, n: int, video_dir: str | None = None):
+    """n envs with the vector API and no autoreset (step_chunk resets the ended ones between chunks)."""
+    if args.vector_env == "maniskill":
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+        env = make_maniskill(args, n, video_dir)
+        return ManiSkillVectorEnv(env, n, auto_reset=False, ignore_terminations=True, record_metrics=False)
+    thunks = [functools.partial(make_env, args, video_dir if i == 0 else None) for i in range(n)]
+    if n > 1 and is_maniskill(args.env_id):  # spawn: SAPIEN is not fork-safe
+        disabled = gym.vector.AutoresetMode.DISABLED
+        return gym.vector.AsyncVectorEnv(thunks, context="spawn", autoreset_mode=disabled)
+    return InProcessEnvs(thunks)
+
+
+def to_np(x):
+    return x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def is_batched(envs):
+    return not isinstance(envs, (InProcessEnvs, gym.vector.AsyncVectorEnv))
+
+
+def reset_done(envs, done, obs):
+    """Resets exactly the envs in the mask `done`; the others keep their observation."""
+    if not done.any():
+        return obs
+    if is_batched(envs):
+        new = envs.reset(options={"env_idx": torch.as_tensor(np.flatnonzero(done), device=envs.device)})[0]
+    else:
+        new = envs.reset(options={"reset_mask": done})[0]
+    return np.where(done[:, None], to_np(new), obs)
+
+
+EPISODE_KEYS = ("episode_return", "episode_length", "success_once", "success_at_end")
+
+
+def new_episode_stats(n):
+    return {"return": np.zeros(n), "length": np.zeros(n, int), "success_once": np.zeros(n, bool)}
+
+
+def step_chunk(envs, obs, chunk, ep, low, high, trace=None):
+    """Plays a chunk (N, Ta, Da) in [-1, 1] in every env. An env whose episode ends inside the chunk ignores
+    the rest of it and is reset after it, so no leftover action reaches its next episode. ep: running
+    episode statistics (new_episode_stats). Returns the next obs, the chunk's summed reward, terminated and
+    truncated inside the chunk, the obs where an episode ended (else the last obs), and the ended episodes as
+    dicts of EPISODE_KEYS and "env". A list `trace` gets (obs, env action, alive) of every step."""
+    n = chunk.shape[0]
+    alive, term, trunc = np.ones(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    reward, end_obs, finished = np.zeros(n), obs, []
+    for j in range(chunk.shape[1]):
+        a = low + (np.clip(chunk[:, j], -1, 1) + 1) * (high - low) / 2
+        if trace is not None:
+            trace.append((obs, a, alive.copy()))
+        out = envs.step(torch.as_tensor(a, device=envs.device) if is_batched(envs) else a)
+        obs, r, te, tr = (to_np(x) for x in out[:4])
+        success = to_np(out[4].get("success", np.zeros(n, bool))).astype(bool) & alive
+        r, te, tr = r * alive, te.astype(bool) & alive, tr.astype(bool) & alive
+        reward += r
+        ep["return"] += r
+        ep["length"] += alive
+        ep["success_once"] |= success
+        term, trunc, done = term | te, trunc | tr, te | tr
+        end_obs = np.where(done[:, None], obs, end_obs) if j else obs
+        for i in np.flatnonzero(done):
+            stats = (ep["return"][i], ep["length"][i], ep["success_once"][i], success[i])
+            finished.append(dict(zip(EPISODE_KEYS, map(float, stats), strict=True)) | {"env": int(i)})
+            for v in ep.values():
+                v[i] = 0
+        alive &= ~done
+    return reset_done(envs, ~alive, obs), reward.astype(np.float32), term, trunc, end_obs, finished
+
+
+def reset_all(envs, seed):
+    return to_np(envs.reset(seed=seed)[0])
 
 
 @torch.no_grad()
-def sample_chain(policy, s, K, sigma_min, sigma_max, deterministic=False, eps_clip=3.0):
-    """Runs the K-step chain; returns the chain (B, K+1, D), the action clip(x_K) is chain[:, -1]."""
-    x = torch.randn(s.shape[0], policy.D, device=s.device, dtype=s.dtype)
-    chain = [x]
-    for k in range(K):
-        mu, sigma = policy.transition(x, k, K, s, sigma_min, sigma_max)
-        x = mu if deterministic else mu + sigma * torch.randn_like(mu).clamp(-eps_clip, eps_clip)
-        chain.append(x.clamp(-1, 1) if k == K - 1 else x)
-    return torch.stack(chain, 1)
+def evaluate(policy, envs, obs_norm, K, n_episodes, seed, bounds, trajectories=None):
+    """Deterministic ODE policy; x_0 and the env resets come from `seed`, so a checkpoint scores the same
+    every time. Mean over the first n_episodes // N (+1) episodes of each env: keeping the first n_episodes
+    to end overall would favour short (e.g. fallen) episodes. A list `trajectories` gets each kept episode's
+    (obs, env actions, return)."""
+    obs, episodes = reset_all(envs, seed), []
+    ep = new_episode_stats(len(obs))
+    gen = torch.Generator(policy.sigma_net[0].weight.device).manual_seed(seed)
+    quota = [n_episodes // len(obs) + (i < n_episodes % len(obs)) for i in range(len(obs))]
+    steps = [([], []) for _ in range(len(obs))]
+    while any(quota):
+        s = obs_norm(obs)
+        x0 = torch.randn(len(obs), policy.D, generator=gen, device=s.device)
+        chunk = ode_action(policy, s, K, x0).reshape(len(obs), -1, len(bounds[0])).cpu().numpy()
+        trace = [] if trajectories is not None else None
+        obs, _, _, _, _, eps = step_chunk(envs, obs, chunk, ep, *bounds, trace)
+        for o, a, alive in trace or []:
+            for i in np.flatnonzero(alive):
+                steps[i][0].append(o[i])
+                steps[i][1].append(a[i])
+        for e in eps:
+            i = e["env"]
+            if quota[i] > 0:
+                quota[i] -= 1
+                episodes.append(e)
+                if trajectories is not None:
+                    trajectories.append((np.stack(steps[i][0]), np.stack(steps[i][1]), e["episode_return"]))
+            steps[e["env"]] = ([], [])
+    return {k: float(np.mean([e[k] for e in episodes])) for k in EPISODE_KEYS}
 
 
-def ode_action(policy, s, K, x0):
-    """Deterministic Euler ODE (with gradients), used by the BC regulariser."""
-    x = x0
-    for k in range(K):
-        x = policy.euler(x, k, K, s)[0]
-    return x
-
-
-def rectified_flow_loss(v, s, a):
-    x0 = torch.randn_like(a)
-    t = torch.rand(a.shape[0], device=a.device)
-    xt = t[:, None] * a + (1 - t[:, None]) * x0
-    return F.mse_loss(v(xt, t, s, torch.zeros_like(t))[0], a - x0)
-
-
-def shortcut_loss(v, s, a, fraction=0.25, log2_max_steps=7):
-    """L_RF at d = 0 on most of the batch; self-consistency v(x_t,t,2d) = mean of two d-steps on the rest."""
-    n_sc = int(a.shape[0] * fraction)
-    loss = rectified_flow_loss(v, s[n_sc:], a[n_sc:])
-    if n_sc == 0:
-        return loss
-    s, a = s[:n_sc], a[:n_sc]
-    d = 2.0 ** -torch.randint(1, log2_max_steps + 1, (n_sc,), device=a.device).float()  # 2d in {1, ..., 2^-6}
-    t = torch.rand(n_sc, device=a.device) * (1 - 2 * d)
-    x0 = torch.randn_like(a)
-    xt = t[:, None] * a + (1 - t[:, None]) * x0
-    with torch.no_grad():
-        v1 = v(xt, t, s, d)[0]
-        v2 = v(xt + d[:, None] * v1, t + d, s, d)[0]
-    return loss + F.mse_loss(v(xt, t, s, 2 * d)[0], (v1 + v2) / 2) * fraction
-
-
-def ppo_policy_loss(new_logp, old_logp, adv, clip_coef, logprob_clip):
-    """Clipped surrogate on normalised chain log-probs; returns loss, ratio, approx KL, clip fraction."""
-    if logprob_clip is not None:
-        c = logprob_clip
-        new_logp, old_logp = new_logp.clamp(-c, c), old_logp.clamp(-c, c)
-    logratio = new_logp - old_logp
-    ratio = logratio.exp()
-    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
-    return loss, ratio, approx_kl, clipfrac
-
-
-def gae(rewards, values, next_value, dones, gamma, lam):
-    """GAE over (T, N) chunk steps; dones[t] = the episode ended at step t (truncations are bootstrapped
-    into the reward beforehand)."""
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        nv = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]
-        last = delta + gamma * lam * (1 - dones[t]) * last
-        adv[t] = last
-    return adv, adv + values
-
-
-def sigma_max_schedule(it, n_iters, sigma_min, sigma_max, hold_ratio, decay_ratio):
-    """Hold sigma_max, then cosine-anneal it to sigma_min + decay_ratio (sigma_max - sigma_min)."""
-    end = sigma_min + decay_ratio * (sigma_max - sigma_min)
-    frac = min(max((it - hold_ratio * n_iters) / max((1 - hold_ratio) * n_iters, 1), 0.0), 1.0)
-    return end + (sigma_max - end) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-class RunningReturnStd:
-    """Running variance of discounted returns (per env), for reward scaling."""
-
-    def __init__(self, num_envs, gamma):
-        self.ret, self.gamma = np.zeros(num_envs), gamma
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def __call__(self, r, done):
-        self.ret = self.ret * self.gamma + r
-        b_mean, b_var, b_n = self.ret.mean(), self.ret.var(), len(r)
-        delta, tot = b_mean - self.mean, self.count + b_n
-        self.mean += delta * b_n / tot
-        self.var = (self.var * self.count + b_var * b_n + delta**2 * self.count * b_n / tot) / tot
-        self.count = tot
-        self.ret[done] = 0.0
-        return r / np.sqrt(self.var + 1e-8)
-
-
-# ---------------------------------------------------------------- demonstrations
-def load_demos(path, obs_dim, act_low, act_high, env_id, control_mode, num_demos=None):
-    """Returns a list of (obs (L, obs_dim), actions in [-1, 1] (L, act_dim)) episodes."""
+# ---------------------------------------------------------------- demonstrations and checkpoints
+def read_demos(path, env_id, control_mode, num_demos):
+    """Episodes [(obs (L, obs_dim), actions (L, act_dim))] of an h5 (actions already in [-1, 1]) or an npz
+    (env units); the second value says whether the actions still need scaling to [-1, 1]."""
     if not os.path.exists(path):
-        fail(f"demo file {path} not found (make: bash make_demos.sh {env_id} 100 {control_mode})")
+        fail(f"--demo-path {path} not found (make it: bash make_demos.sh {env_id} 100 {control_mode})")
     episodes = []
     if path.endswith(".h5"):
         import h5py
@@ -520,313 +582,335 @@ def load_demos(path, obs_dim, act_low, act_high, env_id, control_mode, num_demos
                 f"demos are for {info['env_id']} with control mode {mode}, but this run is {env_id} with "
                 f"{control_mode}: pass matching --env-id/--control-mode or remake the demos"
             )
-        with h5py.File(path, "r") as f:
-            keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
-            for k in keys:
-                o, a = np.asarray(f[k]["obs"]), np.asarray(f[k]["actions"])
-                if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) + 1:
-                    fail(
-                        f"{path}/{k}: obs {o.shape}, actions {a.shape} must be (L+1, obs_dim), (L, act_dim)"
-                        " (state obs: replay with -o state)"
-                    )
-                episodes.append((o[:-1], a))
+        try:
+            with h5py.File(path, "r") as f:
+                keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
+                for k in keys[:num_demos]:
+                    o, a = np.asarray(f[k]["obs"]), np.asarray(f[k]["actions"])
+                    if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) + 1:
+                        fail(
+                            f"{path}/{k}: obs {o.shape}, actions {a.shape}: need (L+1, obs_dim), (L, act_dim)"
+                        )
+                    episodes.append((o[:-1], a))
+        except (OSError, KeyError) as e:
+            fail(
+                f"--demo-path {path} is not a readable ManiSkill h5 with traj_*/obs and traj_*/actions ({e})"
+            )
     elif path.endswith(".npz"):
-        d = np.load(path)
-        if not {"obs", "actions", "episode_ends"} <= set(d.files):
-            fail(f"{path} has keys {d.files}; need obs (N, obs_dim), actions (N, act_dim), episode_ends")
+        try:
+            d = dict(np.load(path))
+        except Exception as e:  # noqa: BLE001  (np.load raises several kinds for a bad file)
+            fail(f"--demo-path {path} is not a readable npz ({type(e).__name__})")
+        if not {"obs", "actions", "episode_ends"} <= set(d):
+            fail(f"{path} has keys {sorted(d)}; need obs (N, obs_dim), actions (N, act_dim), episode_ends")
         o, a, ends = d["obs"], d["actions"], d["episode_ends"].astype(int)
         if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) or len(ends) == 0 or ends[-1] != len(o):
             fail(f"{path}: obs {o.shape}, actions {a.shape} must have N rows and episode_ends must end at N")
         episodes = [(o[s:e], a[s:e]) for s, e in zip(np.r_[0, ends[:-1]], ends, strict=True) if e > s]
-        episodes = [(eo, (ea - act_low) / (act_high - act_low) * 2 - 1) for eo, ea in episodes]
+        episodes = episodes[:num_demos]
     else:
-        fail(f"{path}: demos must be a ManiSkill .h5 (with .json) or an .npz")
-    episodes = episodes[:num_demos]
+        fail(f"--demo-path {path}: demos must be a ManiSkill .h5 (with .json) or an .npz")
+    if not episodes:
+        fail(f"--demo-path {path} holds no episodes")
+    return episodes, path.endswith(".npz")
+
+
+def demo_chunks(episodes, scale, obs_dim, low, high, horizon, env_id):
+    """(s_t, a_t:t+Ta) pairs with actions in [-1, 1]; chunks running past the episode end repeat its last
+    action."""
     o, a = episodes[0]
-    if o.shape[1] != obs_dim or a.shape[1] != len(act_low):
+    if o.shape[1] != obs_dim or a.shape[1] != len(low):
         fail(
             f"demos have obs dim {o.shape[1]} and action dim {a.shape[1]}, but {env_id} has {obs_dim} and "
-            f"{len(act_low)}: wrong env id, control mode or observation mode?"
+            f"{len(low)}: wrong env id, control mode or observation mode?"
         )
-    return [(eo.astype(np.float32), np.clip(ea, -1, 1).astype(np.float32)) for eo, ea in episodes]
-
-
-def chunk_dataset(episodes, horizon):
-    """(s_t, a_t:t+Ta) pairs; chunks running past the episode end repeat its last action."""
     S, A = [], []
     for o, a in episodes:
+        a = np.clip((a - low) / (high - low) * 2 - 1 if scale else a, -1, 1).astype(np.float32)
         padded = np.concatenate([a, np.repeat(a[-1:], horizon - 1, 0)])
         idx = np.arange(len(a))[:, None] + np.arange(horizon)[None]
-        S.append(o)
+        S.append(o.astype(np.float32))
         A.append(padded[idx].reshape(len(a), -1))
     return np.concatenate(S), np.concatenate(A)
 
 
-# ---------------------------------------------------------------- evaluation and checkpoints
-def evaluate(policy, envs, obs_norm, K, n_episodes, seed):
-    """Mean over the first n_episodes // N (+1) episodes of each env: keeping the first n_episodes to end
-    overall would favour short (e.g. fallen) episodes."""
-    obs, episodes = envs.reset(seed=seed), []
-    quota = [n_episodes // envs.n + (i < n_episodes % envs.n) for i in range(envs.n)]
-    while any(quota):
-        chain = sample_chain(policy, obs_norm(obs), K, 1.0, 1.0, deterministic=True)
-        obs, _, _, _, _, eps = envs.step(chain[:, -1])
-        for e in eps:
-            if quota[e["env"]] > 0:
-                quota[e["env"]] -= 1
-                episodes.append(e)
-    return {k: float(np.mean([e[k] for e in episodes])) for k in EPISODE_KEYS}
+def save_checkpoint(path, state):
+    """Atomic: a run killed while saving keeps its previous checkpoint."""
+    torch.save(state | {"script": "reinflow"}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"checkpoint {path}", flush=True)
 
 
-def collect_demos(env, policy, obs_norm, K, n_episodes, seed, out):
-    """Rolls out the deterministic ODE policy in one chunked env, writes every executed step to an npz."""
-    O, A, ends, rets = [], [], [], []
-    for ep in range(n_episodes):
-        obs, done = env.reset(seed=seed + ep)[0], False
-        while not done:
-            chain = sample_chain(policy, obs_norm(obs[None]), K, 1.0, 1.0, deterministic=True)
-            obs, _, term, trunc, info = env.step(chain[0, -1].reshape(env.action_space.shape).cpu().numpy())
-            O += [o for o, _ in env.executed]
-            A += [a.astype(np.float32) for _, a in env.executed]
-            done = term or trunc
-        ends.append(len(O))
-        rets.append(info["episode_return"])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez_compressed(out, obs=np.stack(O), actions=np.stack(A), episode_ends=ends, returns=rets)
-    print(f"wrote {len(ends)} episodes ({len(O)} steps, mean return {np.mean(rets):.1f}) to {out}")
-
-
-def load_checkpoint(path, args, obs_dim):
+def load_checkpoint(path, args):
     if not os.path.exists(path):
-        fail(f"checkpoint {path} not found")
+        fail(f"--checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        fail(f"{path} is not a readable torch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "policy" not in ckpt or "args" not in ckpt:
-        fail(f"{path} is not a checkpoint of reinflow.py")
-    old = ckpt["args"]
-    for key in ("env_id", "flow", "horizon", "hidden_dim"):
-        if old[key] != getattr(args, key):
-            fail(f"checkpoint was trained with {key}={old[key]} but this run has {getattr(args, key)}")
-    if ckpt["obs_mean"].shape[0] != obs_dim:
-        fail(f"checkpoint expects obs dim {ckpt['obs_mean'].shape[0]}, env gives {obs_dim} (control mode?)")
+    except Exception as e:  # noqa: BLE001  (torch.load raises several kinds for a bad file)
+        fail(f"--checkpoint {path} is not a readable torch file ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "reinflow":
+        fail(f"--checkpoint {path} was not written by reinflow.py")
+    for key in ("env_id", "flow", "action_horizon", "hidden_dim"):
+        if ckpt["args"][key] != getattr(args, key):
+            fail(f"--checkpoint {path} has {key}={ckpt['args'][key]}, this run has {getattr(args, key)}")
     return ckpt
+
+
+def check_args(args: Args, maniskill: bool):
+    """Every flag check, before anything slow; resolves --sim-backend and --vector-env."""
+    if (args.evaluate or args.save_demos) and not args.checkpoint:
+        fail("--evaluate and --save-demos need --checkpoint PATH")
+    gpu = args.cuda and torch.cuda.is_available()
+    if not maniskill and args.vector_env == "maniskill":
+        fail(f"--vector-env maniskill needs a ManiSkill id, {args.env_id} is a gymnasium one")
+    if maniskill and args.sim_backend == "auto":
+        args.sim_backend = "physx_cuda" if gpu else "physx_cpu"
+    if args.vector_env == "auto":
+        args.vector_env = "maniskill" if args.sim_backend == "physx_cuda" else "gymnasium"
+    if args.sim_backend == "physx_cuda" and not gpu:
+        fail("--sim-backend physx_cuda needs a CUDA GPU and --cuda: use --sim-backend physx_cpu")
+    if maniskill and args.sim_backend == "physx_cuda" and args.vector_env == "gymnasium":
+        fail("--vector-env gymnasium runs one physx_cpu simulator per process: use --sim-backend physx_cpu")
+    if (
+        args.sim_backend == "physx_cpu"
+        and args.vector_env == "maniskill"
+        and max(args.num_envs, args.num_eval_envs) > 1
+    ):
+        fail("--vector-env maniskill on physx_cpu needs --num-envs 1 and --num-eval-envs 1")
+    a = args
+    checks = {
+        "--num-envs and --num-eval-envs must be >= 1": min(a.num_envs, a.num_eval_envs) >= 1,
+        "--denoising-steps and --action-horizon must be >= 1": min(a.denoising_steps, a.action_horizon) >= 1,
+        "--total-timesteps, --sft-steps, --save-demos must be >= 0":
+            min(a.total_timesteps, a.sft_steps, a.save_demos) >= 0,
+        "--num-steps, --num-minibatches, --update-epochs, --eval-freq, --eval-episodes, --sft-batch-size "
+        "must be >= 1": min(a.num_steps, a.num_minibatches, a.update_epochs, a.eval_freq, a.eval_episodes,
+                    a.sft_batch_size) >= 1,
+        "--gamma must be in (0, 1] and --gae-lambda in [0, 1]": 0 < a.gamma <= 1 and 0 <= a.gae_lambda <= 1,
+        "need 0 < --sigma-min <= --sigma-max": 0 < a.sigma_min <= a.sigma_max,
+    }  # fmt: skip
+    for msg, ok in checks.items():
+        if not ok:
+            fail(msg)
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // (args.batch_size * args.action_horizon)
+    if args.minibatch_size < 2:  # advantages are normalised per minibatch
+        fail(f"--num-envs * --num-steps = {args.batch_size} makes minibatches of < 2 with --num-minibatches "
+             f"{args.num_minibatches}: use fewer minibatches")  # fmt: skip
 
 
 # ---------------------------------------------------------------- main
 def main(args: Args):
-    if (args.evaluate or args.collect_demos) and not args.checkpoint:
-        fail("--evaluate and --collect-demos need --checkpoint PATH")
     maniskill = is_maniskill(args.env_id)
-    if args.env_id not in gym.registry:
-        fail(f"unknown env id {args.env_id}: use a ManiSkill3 (PickCube-v1) or gymnasium (Hopper-v5) id")
-    if args.denoising_steps < 1 or args.horizon < 1 or not 0 < args.sigma_min <= args.sigma_max:
-        fail("need --denoising-steps >= 1, --horizon >= 1 and 0 < --sigma-min <= --sigma-max")
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // (args.batch_size * args.horizon)
-    if args.minibatch_size < 2:  # advantages are normalised per minibatch
-        fail("--num-envs * --num-steps must be at least 2 * --num-minibatches")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    check_args(args, maniskill)
+    ckpt = load_checkpoint(args.checkpoint, args) if args.checkpoint else None
+    if args.seed is None:
+        args.seed = ckpt["args"]["seed"] if ckpt else 1
+    demos = None
+    if ckpt is None and args.demo_path and args.sft_steps > 0:
+        demos = read_demos(args.demo_path, args.env_id, args.control_mode, args.num_demos)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    K, Ta = args.denoising_steps, args.horizon
+    K, Ta = args.denoising_steps, args.action_horizon
 
-    # env setup
-    env_kw = dict(env_id=args.env_id, control_mode=args.control_mode, horizon=Ta)
-    # ignore_terminations is for ManiSkill only: MuJoCo terminations always apply
-    env_kw |= dict(max_episode_steps=args.max_episode_steps, ignore_terminations=args.ignore_terminations)
-    gpu = maniskill and device.type == "cuda"
-    probe = make_env(**dict(env_kw, horizon=0))
-    box, obs_shape = probe.action_space, probe.observation_space.shape
-    if not isinstance(box, gym.spaces.Box) or len(obs_shape) != 1:
-        fail(f"{args.env_id}: needs a flat state observation and a Box action space")
-    if len(box.shape) != 1 or not np.isfinite(box.low).all():
-        fail(f"{args.env_id} has action space {box}: only bounded 1-D Box is supported")
-    obs_dim, act_low, act_high, Da = obs_shape[0], box.low, box.high, box.shape[0]
-    probe.close()
+    envs = make_envs(args, args.num_eval_envs if args.evaluate or args.save_demos else args.num_envs)
+    box, obs_shape = envs.single_action_space, envs.single_observation_space.shape
+    if not isinstance(box, gym.spaces.Box) or len(box.shape) != 1 or len(obs_shape) != 1:
+        fail(f"{args.env_id} has action space {box}, observations {obs_shape}: need flat Box spaces")
+    if not np.isfinite(box.low).all() or not np.isfinite(box.high).all():
+        fail(f"{args.env_id} has action space {box}: only a bounded Box is supported")
+    obs_dim, Da = obs_shape[0], box.shape[0]
+    bounds = (box.low.astype(np.float32), box.high.astype(np.float32))
+    if ckpt is not None and ckpt["obs_mean"].shape[0] != obs_dim:
+        fail(f"--checkpoint has obs dim {ckpt['obs_mean'].shape[0]}, {args.env_id} {obs_dim} (control mode?)")
+    if demos is not None:
+        S, A = demo_chunks(*demos, obs_dim, *bounds, Ta, args.env_id)
 
-    ckpt = load_checkpoint(args.checkpoint, args, obs_dim) if args.checkpoint else None
     policy = FlowPolicy(obs_dim, Ta, Da, args.hidden_dim, args.flow == "shortcut").to(device)
     critic = Critic(obs_dim, args.hidden_dim).to(device)
-    actor_opt = torch.optim.Adam(policy.parameters(), lr=args.actor_lr)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    finetune_state = dict(critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)  # only in ckpt.pt
+    actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
     obs_mean, obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
-    phase, start_iter, global_step = "pretrain", 0, 0
+    start_iter, global_step = 0, 0
     if ckpt is not None:
         policy.load_state_dict(ckpt["policy"])
-        obs_mean, obs_std, phase = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy(), ckpt["phase"]
-        if phase == "finetune":
-            for k, m in finetune_state.items():
-                m.load_state_dict(ckpt[k])
+        obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
+        if ckpt["phase"] == "rl":
+            critic.load_state_dict(ckpt["critic"])
+            actor_opt.load_state_dict(ckpt["actor_opt"])
+            critic_opt.load_state_dict(ckpt["critic_opt"])
             start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
 
     def obs_norm(o):
         return torch.as_tensor(((o - obs_mean) / obs_std).astype(np.float32), device=device)
 
     if args.evaluate:
-        envs = ChunkVecEnv(args.num_eval_envs, env_kw, gpu)
-        m = evaluate(policy, envs, obs_norm, K, args.eval_episodes, args.seed)
-        envs.close()
-        print(json.dumps({"checkpoint": args.checkpoint, "episodes": args.eval_episodes, **m}))
+        m = evaluate(policy, envs, obs_norm, K, args.eval_episodes, args.seed + 10_000, bounds)
+        step = ckpt.get("global_step", 0)
+        print(f"eval step {step}: " + " ".join(f"{k.removeprefix('episode_')} {v:.4f}" for k, v in m.items()))
+        out = args.checkpoint.removesuffix(".pt") + ".eval.json"
+        with open(out, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "step": step, "episodes": args.eval_episodes, **m}, f)
+        print(f"wrote {out}")
         return m
-    if args.collect_demos:  # one env in this process, ManiSkill episodes end at success
-        env = make_env(**dict(env_kw, ignore_terminations=False))
-        return collect_demos(env, policy, obs_norm, K, args.collect_demos, args.seed, args.demo_out)
+    if args.save_demos:
+        eps = []
+        evaluate(policy, envs, obs_norm, K, args.save_demos, args.seed + 20_000, bounds, trajectories=eps)
+        os.makedirs(os.path.dirname(os.path.abspath(args.demo_out)), exist_ok=True)
+        np.savez_compressed(
+            args.demo_out,
+            obs=np.concatenate([o for o, _, _ in eps]).astype(np.float32),
+            actions=np.concatenate([a for _, a, _ in eps]).astype(np.float32),
+            episode_ends=np.cumsum([len(o) for o, _, _ in eps]),
+            returns=np.array([g for _, _, g in eps]),
+        )
+        print(f"wrote {len(eps)} episodes, mean return {np.mean([g for *_, g in eps]):.1f}: {args.demo_out}")
+        return
 
     from torch.utils.tensorboard import SummaryWriter
 
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    ckpt_dir = f"runs/{run_name}"
-    writer = SummaryWriter(ckpt_dir)
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
+    writer = SummaryWriter(run_dir)
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
+    backend = args.sim_backend if maniskill else "gymnasium"
+    print(
+        f"run {run_dir} | env {args.env_id} ({backend}, {args.vector_env}) | device {device}"
+        + (f" | demos {len(S)} transitions" if demos else ""),
+        flush=True,
+    )
 
-    def checkpoint(name, **state):  # atomic: a run killed while saving keeps its previous checkpoint
-        state |= dict(policy=policy.state_dict(), args=vars(args), obs_mean=torch.as_tensor(obs_mean))
-        torch.save(dict(state, obs_std=torch.as_tensor(obs_std)), f"{ckpt_dir}/{name}.tmp")
-        os.replace(f"{ckpt_dir}/{name}.tmp", f"{ckpt_dir}/{name}")
+    def state(phase, **extra):
+        mean, std, pol = torch.as_tensor(obs_mean), torch.as_tensor(obs_std), policy.state_dict()
+        return dict(phase=phase, policy=pol, args=vars(args), obs_mean=mean, obs_std=std, **extra)
 
-    # ALGO LOGIC: behaviour cloning of the flow policy (skipped when resuming from a checkpoint)
-    if phase == "pretrain":
-        if args.demo_path and args.pretrain_steps > 0:
-            episodes = load_demos(
-                args.demo_path, obs_dim, act_low, act_high, args.env_id, args.control_mode, args.num_demos
-            )
-            S, A = chunk_dataset(episodes, Ta)
-            obs_mean, obs_std = S.mean(0), S.std(0) + 1e-3
-            S, A = obs_norm(S), torch.as_tensor(A, device=device)
-            print(f"pretraining on {len(episodes)} demos, {len(S)} chunks, flow={args.flow}")
-            ema = [p.detach().clone() for p in policy.v.parameters()]
-            opt = torch.optim.AdamW(policy.v.parameters(), lr=args.pretrain_lr, weight_decay=1e-6)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, args.pretrain_steps, args.pretrain_lr / 10
-            )
-            start = time.time()
-            for step in range(args.pretrain_steps):
-                idx = torch.randint(0, len(S), (args.pretrain_batch_size,), device=device)
-                if args.flow == "reflow":
-                    loss = rectified_flow_loss(policy.v, S[idx], A[idx])
-                else:
-                    loss = shortcut_loss(policy.v, S[idx], A[idx], args.shortcut_fraction)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema, list(policy.v.parameters()), 1 - args.ema_decay)
-                if step % 1000 == 0 or step == args.pretrain_steps - 1:
-                    writer.add_scalar("losses/bc_loss", loss.item(), step)
-                    print(f"pretrain step {step} bc_loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+    # ALGO LOGIC: flow-matching behaviour cloning (SFT) with an EMA of the weights
+    if demos is not None:
+        obs_mean, obs_std = S.mean(0), S.std(0) + 1e-3
+        S, A = obs_norm(S), torch.as_tensor(A, device=device)
+        ema = [p.detach().clone() for p in policy.v.parameters()]
+        opt = torch.optim.AdamW(policy.v.parameters(), lr=args.sft_lr, weight_decay=1e-6)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.sft_steps, args.sft_lr / 10)
+        start = time.time()
+        for step in range(args.sft_steps):
+            idx = torch.randint(0, len(S), (args.sft_batch_size,), device=device)
+            if args.flow == "reflow":
+                loss = rectified_flow_loss(policy.v, S[idx], A[idx])
+            else:
+                loss = shortcut_loss(policy.v, S[idx], A[idx])
+            if not torch.isfinite(loss):
+                fail(f"non-finite sft_loss at sft step {step}; no checkpoint written")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
             with torch.no_grad():
-                torch._foreach_copy_(list(policy.v.parameters()), ema)
-        else:
-            print(
-                "no --demo-path (or --pretrain-steps 0): PPO starts from a randomly initialised flow policy"
-            )
-        phase = "pretrained"
+                torch._foreach_lerp_(ema, list(policy.v.parameters()), 1 - 0.995)
+            if step % 1000 == 0 or step == args.sft_steps - 1:
+                writer.add_scalar("losses/sft_loss", loss.item(), step)
+                print(
+                    f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - start:.0f}s"
+                )
+        with torch.no_grad():
+            torch._foreach_copy_(list(policy.v.parameters()), ema)
         if args.save_model:
-            checkpoint("pretrained.pt", phase=phase)
-            print(f"saved {ckpt_dir}/pretrained.pt")
+            save_checkpoint(f"{run_dir}/sft.pt", state("sft"))
     ref_policy = FlowPolicy(obs_dim, Ta, Da, args.hidden_dim, args.flow == "shortcut").to(device)
     ref_policy.load_state_dict(ckpt["ref_policy"] if ckpt and "ref_policy" in ckpt else policy.state_dict())
     ref_policy.requires_grad_(False)
 
     # ALGO LOGIC: PPO fine-tuning
-    video_dir = f"videos/{run_name}" if args.capture_video else None
-    eval_envs = ChunkVecEnv(args.num_eval_envs, env_kw, gpu, video_dir)
-    envs = ChunkVecEnv(args.num_envs, env_kw, gpu)
+    eval_envs = make_envs(args, args.num_eval_envs, f"videos/{run_name}" if args.capture_video else None)
     T, N, D = args.num_steps, args.num_envs, Ta * Da
+    eval_every = max(1, round(args.eval_freq / (args.batch_size * Ta)))
     obs_buf = torch.zeros(T, N, obs_dim, device=device)
     chain_buf = torch.zeros(T, N, K + 1, D, device=device)
     logp_buf, val_buf, rew_buf, done_buf = (torch.zeros(T, N, device=device) for _ in range(4))
     scaler = RunningReturnStd(N, args.gamma)
-    if ckpt is not None and "reward_scaler" in ckpt:
+    if ckpt is not None and ckpt["phase"] == "rl":
         scaler.mean, scaler.var, scaler.count = ckpt["reward_scaler"]
-    next_obs = envs.reset(seed=args.seed)
-    train_eps, start_time, start_step = [], time.time(), global_step
-    curve_csv = f"{ckpt_dir}/eval_curve.csv"
-    if not os.path.exists(curve_csv):
-        with open(curve_csv, "w") as f:
-            f.write("iteration,env_steps,wall_time_s,eval_return,eval_success_once,eval_success_at_end\n")
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["random"])
+        print(f"resumed {args.checkpoint} at step {global_step}", flush=True)
+    ckpt_path = f"{run_dir}/ckpt.pt"
+    curve_csv = f"{run_dir}/eval_curve.csv"
+    with open(curve_csv, "w") as f:
+        f.write("iteration,env_steps,wall_time_s,eval_return,eval_success_once,eval_success_at_end\n")
+    start_time = time.time()
 
     def log_eval(it):
-        m = evaluate(policy, eval_envs, obs_norm, K, args.eval_episodes, args.seed + 10_000 + it)
+        m = evaluate(policy, eval_envs, obs_norm, K, args.eval_episodes, args.seed + 10_000, bounds)
         for k, v in m.items():
-            writer.add_scalar(f"eval/{k.replace('episode_', '')}", v, global_step)
+            writer.add_scalar(f"eval/{k.removeprefix('episode_')}", v, global_step)
         print(
-            f"eval iter {it} step {global_step}: return {m['episode_return']:.2f} "
-            f"success_once {m['success_once']:.2f} success_at_end {m['success_at_end']:.2f}"
+            f"eval step {global_step}: "
+            + " ".join(f"{k.removeprefix('episode_')} {v:.4f}" for k, v in m.items())
         )
         row = [time.time() - start_time, m["episode_return"], m["success_once"], m["success_at_end"]]
         with open(curve_csv, "a") as f:
             f.write(f"{it},{global_step}," + ",".join(f"{x:.4g}" for x in row) + "\n")
         if args.save_model:
-            state = {k: m.state_dict() for k, m in (finetune_state | dict(ref_policy=ref_policy)).items()}
-            state |= dict(phase="finetune", iteration=it, global_step=global_step)
-            checkpoint("ckpt.pt", reward_scaler=(scaler.mean, scaler.var, scaler.count), **state)
+            nets = dict(critic=critic, actor_opt=actor_opt, critic_opt=critic_opt, ref_policy=ref_policy)
+            rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), random=random.getstate())
+            extra = dict(
+                iteration=it, global_step=global_step, reward_scaler=(scaler.mean, scaler.var, scaler.count)
+            )
+            save_checkpoint(
+                ckpt_path, state("rl", rng=rng, **extra, **{k: m.state_dict() for k, m in nets.items()})
+            )
 
     if start_iter == 0:
         log_eval(0)
+    # every (re)start of the rollouts resets the envs with seed + global_step: a resumed run continues exactly
+    next_obs, ep = reset_all(envs, args.seed + global_step), new_episode_stats(N)
+    t_log, step_log = time.time(), global_step
     for it in range(start_iter, args.num_iterations):
-        sig_min, hold, decay = args.sigma_min, args.sigma_max_hold_ratio, args.sigma_max_decay_ratio
-        sig_max = sigma_max_schedule(it, args.num_iterations, sig_min, args.sigma_max, hold, decay)
-        t_sim, t_iter = 0.0, time.time()
+        sig_min = args.sigma_min
+        sig_max = sigma_max_schedule(it, args.num_iterations, sig_min, args.sigma_max)
+        train_eps = []
         for t in range(T):
             s = obs_norm(next_obs)
             with torch.no_grad():
-                chain = sample_chain(policy, s, K, sig_min, sig_max, eps_clip=args.eps_clip)
-                logp_buf[t] = chain_log_prob(policy, s, chain, K, sig_min, sig_max)[0]
+                chain, logp_buf[t] = sample_chain(policy, s, K, sig_min, sig_max)
                 val_buf[t] = critic(s)
             obs_buf[t], chain_buf[t] = s, chain
-            t0 = time.time()
-            next_obs, r, term, trunc, final_obs, eps = envs.step(chain[:, -1])
-            t_sim += time.time() - t0
+            chunk = chain[:, -1].reshape(N, Ta, Da).cpu().numpy()
+            next_obs, r, term, trunc, end_obs, eps = step_chunk(envs, next_obs, chunk, ep, *bounds)
             global_step += N * Ta  # a chunk cut short by an episode end still counts Ta
             train_eps += eps
-            if args.reward_scale:
-                r = scaler(r, term | trunc)
-            if trunc.any():  # bootstrap time-limit ends with V(true next obs)
+            r = scaler(r, term | trunc)
+            if trunc.any():  # bootstrap time-limit ends with V(the obs where the episode ended)
                 with torch.no_grad():
-                    r = r + args.gamma * critic(obs_norm(final_obs)).cpu().numpy() * trunc
+                    r = r + args.gamma * critic(obs_norm(end_obs)).cpu().numpy() * (trunc & ~term)
             rew_buf[t] = torch.as_tensor(r, device=device)
             done_buf[t] = torch.as_tensor(term | trunc, device=device, dtype=torch.float32)
         with torch.no_grad():
             next_v = critic(obs_norm(next_obs))
-        adv_buf, ret_buf = gae(rew_buf, val_buf, next_v, done_buf, args.gamma, args.gae_lambda)
+        adv_buf, ret_buf = gae(rew_buf, val_buf, done_buf, next_v, args.gamma, args.gae_lambda)
 
         b_obs, b_chain = obs_buf.reshape(T * N, -1), chain_buf.reshape(T * N, K + 1, D)
         b_logp, b_adv, b_ret, b_val = (x.flatten() for x in (logp_buf, adv_buf, ret_buf, val_buf))
-        epochs = itertools.product(range(args.update_epochs), range(0, T * N, args.minibatch_size))
-        for epoch, start in epochs:  # stopped early when approx KL exceeds target_kl
-            if start == 0:
+        cuts = [*range(0, T * N, args.minibatch_size), T * N]
+        if cuts[-1] - cuts[-2] == 1:  # a one-sample minibatch has no advantage std: it joins the one before
+            del cuts[-2]
+        for epoch, (start, end) in itertools.product(range(args.update_epochs), itertools.pairwise(cuts)):
+            if start == 0:  # stopped early (break below) when approx KL exceeds target_kl
                 perm = torch.randperm(T * N, device=device)
-            mb = perm[start : start + args.minibatch_size]
+            mb = perm[start:end]
             new_logp, entropy = chain_log_prob(policy, b_obs[mb], b_chain[mb], K, sig_min, sig_max)
             adv = (b_adv[mb] - b_adv[mb].mean()) / (b_adv[mb].std() + 1e-8)
-            pg_loss, ratio, approx_kl, clipfrac = ppo_policy_loss(
-                new_logp, b_logp[mb], adv, args.clip_coef, args.logprob_clip
-            )
-            if epoch == 0 and start == 0:  # the mean as in the official code; float32 GEMMs of other
-                # batch sizes round differently, so single ratios get a looser bound
-                err, worst = (ratio.mean() - 1).abs().item(), (ratio - 1).abs().max().item()
-                assert err < 1e-6 and worst < 1e-4, f"first-minibatch ratio off by {err} (max {worst})"
+            pg_loss, ratio, approx_kl, clipfrac = ppo_policy_loss(new_logp, b_logp[mb], adv, args.clip_coef)
             v_loss = 0.5 * ((critic(b_obs[mb]) - b_ret[mb]) ** 2).mean()
             bc_loss = torch.zeros((), device=device)
             if args.bc_coef > 0:
@@ -835,6 +919,14 @@ def main(args: Args):
                     a_ref = ode_action(ref_policy, b_obs[mb], K, z)
                 bc_loss = F.mse_loss(ode_action(policy, b_obs[mb], K, z), a_ref)
             loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss + args.bc_coef * bc_loss
+            if not torch.isfinite(loss):
+                fail(f"non-finite loss at step {global_step}; last good checkpoint: {ckpt_path}")
+            if (
+                epoch == 0 and start == 0
+            ):  # the sampler's stored log-prob against the scorer's, same parameters;
+                # float32 GEMMs of other batch sizes round differently, so single ratios get a looser bound
+                err, worst = (ratio.mean() - 1).abs().item(), (ratio - 1).abs().max().item()
+                assert err < 1e-6 and worst < 1e-4, f"first-minibatch ratio off by {err} (max {worst})"
             actor_opt.zero_grad()
             critic_opt.zero_grad()
             loss.backward()
@@ -848,26 +940,29 @@ def main(args: Args):
 
         y_pred, y_true = b_val.cpu().numpy(), b_ret.cpu().numpy()
         explained_var = 1 - np.var(y_true - y_pred) / (np.var(y_true) + 1e-8)
-        sps = int((global_step - start_step) / (time.time() - start_time))
+        sps = (global_step - step_log) / (time.time() - t_log)
+        t_log, step_log = time.time(), global_step
         losses = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy.mean(), approx_kl=approx_kl)
         for k, v in (losses | dict(clipfrac=clipfrac, bc_loss=bc_loss)).items():
             writer.add_scalar(f"losses/{k}", v.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        for k, v in dict(sigma_max=sig_max, SPS=sps, sim_fraction=t_sim / (time.time() - t_iter)).items():
-            writer.add_scalar(f"charts/{k}", v, global_step)
+        writer.add_scalar("charts/sigma_max", sig_max, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        line = f"step {global_step}/{args.num_iterations * T * N * Ta} | {sps:.0f} steps/s"
+        line += f" | ETA {(args.num_iterations - it - 1) * T * N * Ta / max(sps, 1e-9) / 60:.0f}m"
         if train_eps:
             ret = np.mean([e["episode_return"] for e in train_eps])
             succ = np.mean([e["success_once"] for e in train_eps])
             writer.add_scalar("charts/episodic_return", ret, global_step)
             writer.add_scalar("charts/success_once", succ, global_step)
-            print(
-                f"iter {it + 1}/{args.num_iterations} step {global_step} SPS {sps} return {ret:.2f} "
-                f"success {succ:.2f} kl {approx_kl.item():.2e} iter {time.time() - t_iter:.1f}s "
-                f"sim {t_sim:.1f}s"
-            )
-            train_eps = []
-        if (it + 1) % args.eval_freq == 0 or it + 1 == args.num_iterations:
+            line += f" | train episodes (noisy policy): return {ret:.2f} success {succ:.2f}"
+        print(line + f" | kl {approx_kl.item():.2e}", flush=True)
+        if (it + 1) % eval_every == 0 or it + 1 == args.num_iterations:
             log_eval(it + 1)
+            if args.save_model and it + 1 < args.num_iterations:
+                next_obs, ep = reset_all(envs, args.seed + global_step), new_episode_stats(N)
+                scaler.ret[:] = 0.0
+                t_log = time.time()
 
     envs.close()
     eval_envs.close()
