@@ -60,7 +60,7 @@ def main():
                     assert rp.check_args(args) is None
                     cums = []
                     for seed in SEEDS:
-                        regret, J_star = rp.run(args, seed)
+                        regret, J_star = (x[0] for x in rp.run(args, [seed]))
                         cum = regret.cumsum()
                         cums.append(cum)
                         row = (env, gamma, learner, scale, seed, J_star, risk_gap(args, seed), cum[-1])
