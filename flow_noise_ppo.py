@@ -49,7 +49,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -63,24 +63,24 @@ import tyro
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
+    seed: int | None = None
+    """1 for a new run; with --checkpoint, the checkpoint's seed"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled and CUDA exists, use it and ManiSkill's physx_cuda backend (many envs in one process)"""
+    """if toggled and CUDA exists, run the networks (and with --sim-backend auto the simulator) on the GPU"""
     track: bool = False
     """if toggled, track the run with Weights and Biases"""
     wandb_project_name: str = "cleanflow"
     """the wandb project name"""
     capture_video: bool = False
     """if toggled, record videos of the evaluation episodes to runs/{run_name}/videos"""
-    save_model: bool = False
-    """if toggled, save runs/{run_name}/flow_noise_ppo.pt after SFT, periodically and at the end"""
+    save_model: bool = True
+    """save runs/{run_name}/ckpt.pt at every evaluation and at the end, and sft.pt after SFT"""
     checkpoint: str | None = None
-    """checkpoint to resume from (training continues to --total-timesteps; SFT is skipped)"""
+    """ckpt.pt or sft.pt to start from (model, optimiser, normalisation, step, RNG state); SFT is skipped"""
     evaluate: bool = False
-    """with --checkpoint: only evaluate it and exit"""
+    """with --checkpoint: only evaluate it, print the result and write it to <checkpoint>.eval.json"""
 
     # Environment
     env_id: str = "PickCube-v1"
@@ -99,12 +99,16 @@ class Args:
     """parallel training envs (2 is fastest on 2 CPU cores; hundreds with physx_cuda); >= number of tasks"""
     num_eval_envs: int = 2
     """parallel evaluation envs (>= number of tasks)"""
+    sim_backend: Literal["auto", "physx_cpu", "physx_cuda"] = "auto"
+    """auto: physx_cuda when --cuda and a GPU exist, else physx_cpu; ignored for gymnasium/MuJoCo ids"""
+    vector_env: Literal["auto", "gymnasium", "maniskill"] = "auto"
+    """gymnasium: one simulator per process in gymnasium's AsyncVectorEnv (CPU); maniskill: ManiSkill's
+    batched env in ManiSkillVectorEnv, the GPU path (on physx_cpu it needs --num-envs 1 and is how the tests
+    run the GPU code); auto: maniskill on physx_cuda, gymnasium otherwise"""
+    eval_freq: int = 5000
+    """evaluate (and checkpoint) every this many env steps, rounded to whole PPO updates"""
     eval_episodes: int = 20
     """episodes per evaluation (per task)"""
-    eval_every: int = 5
-    """evaluate every this many PPO updates"""
-    checkpoint_every: int = 5
-    """with --save-model: checkpoint every this many PPO updates"""
 
     # Flow policy
     backbone: Literal["mlp", "transformer"] = "mlp"
@@ -137,15 +141,11 @@ class Args:
     """SFT learning rate"""
 
     # PPO
-    total_timesteps: int = 200_000
-    """env steps of RL (SFT steps not counted)"""
-    num_steps: int = 100
-    """chunk decisions per env per rollout (num_steps * C env steps)"""
     learning_rate: float = 3e-5
     """policy learning rate"""
     critic_learning_rate: float = 3e-4
     """critic learning rate"""
-    critic_warmup: int = 2
+    critic_warmup_iters: int = 2
     """first updates train only the critic (the SFT policy is not moved by a random critic)"""
     gamma: float = 0.99
     """discount per chunk step"""
@@ -157,18 +157,26 @@ class Args:
     """epochs per update"""
     clip_coef: float = 0.2
     """PPO ratio clip"""
-    value_clip: float = 0.2
-    """value clip around the rollout values"""
-    huber_delta: float = 10.0
-    """Huber delta of the value loss"""
     ent_coef: float = 0.005
-    """entropy bonus of the learned noise"""
+    """c_H: entropy bonus of the learned noise"""
     vf_coef: float = 0.5
-    """value loss coefficient"""
+    """c_v: value loss coefficient"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     target_kl: float | None = None
     """stop the epoch loop when approx KL exceeds this"""
+    total_timesteps: int = 200_000
+    """env steps of RL (SFT steps not counted)"""
+    num_steps: int = 100
+    """chunk decisions per env per rollout (num_steps * C env steps)"""
+
+    # filled at runtime
+    batch_size: int = 0
+    """chunk decisions per update (num_envs * num_steps)"""
+    minibatch_size: int = 0
+    """batch_size // num_minibatches"""
+    num_iterations: int = 0
+    """PPO updates (total_timesteps // (batch_size * C))"""
 
 
 # ---------------------------------------------------------------- ALGO LOGIC: the math, pure functions
@@ -214,8 +222,9 @@ def chain_entropy(sigma, mask) -> torch.Tensor:
     return (ent * mask).sum((-2, -1)) / mask.sum()
 
 
-def gae(rewards, values, dones, next_value, gamma: float, lam: float):
-    """GAE over chunk steps; dones[t] = the episode ended inside chunk t (no bootstrap from t+1)."""
+def gae(rewards, values, dones, next_value, gamma, gae_lambda):
+    """GAE over (T, N) steps; dones[t] = the episode ended at step t (no bootstrap from t + 1; a truncation's
+    bootstrap is folded into rewards[t] beforehand). Returns (advantages, returns)."""
     T = rewards.shape[0]
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
@@ -223,40 +232,35 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float):
         v_next = next_value if t == T - 1 else values[t + 1]
         nonterminal = 1.0 - dones[t]
         delta = rewards[t] + gamma * v_next * nonterminal - values[t]
-        last = delta + gamma * lam * nonterminal * last
+        last = delta + gamma * gae_lambda * nonterminal * last
         adv[t] = last
     return adv, adv + values
 
 
-def ppo_loss(
-    new_logp, old_logp, adv, new_v, old_v, returns, entropy, mask, clip_coef, value_clip, ent_coef, vf_coef,
-    huber_delta,
-):  # fmt: skip
-    """Clipped PPO; token log-probs (B,H,A) average the objective over the mask; chunk log-probs are (B,)."""
+def policy_loss(new_logp, old_logp, adv, mask, clip_coef: float):
+    """Clipped PPO surrogate L_π. Token log-probs (B,H,A) share their chunk's Â and are averaged over the
+    mask; chunk log-probs are (B,). Returns (L_π, approx KL, clip fraction)."""
     logratio = new_logp - old_logp
     ratio = logratio.exp()
-    if new_logp.dim() == 3:  # token: Â is shared by every element of the chunk
+    if new_logp.dim() == 3:
         adv = adv[:, None, None]
         w = mask.expand_as(new_logp).to(new_logp.dtype)
     else:
         w = torch.ones_like(new_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef))
-    pg_loss = (pg * w).sum() / w.sum()
+    with torch.no_grad():
+        approx_kl = (((ratio - 1) - logratio) * w).sum() / w.sum()
+        clipfrac = (((ratio - 1).abs() > clip_coef).to(w.dtype) * w).sum() / w.sum()
+    return (pg * w).sum() / w.sum(), approx_kl, clipfrac
+
+
+def value_loss(new_v, old_v, returns, value_clip: float = 0.2, huber_delta: float = 10.0):
+    """L_V: the larger Huber loss of V and of V clipped to ±value_clip around the rollout's values."""
     v_clipped = old_v + (new_v - old_v).clamp(-value_clip, value_clip)
-    v_loss = torch.max(
+    return torch.max(
         F.huber_loss(new_v, returns, delta=huber_delta, reduction="none"),
         F.huber_loss(v_clipped, returns, delta=huber_delta, reduction="none"),
     ).mean()
-    loss = pg_loss + vf_coef * v_loss - ent_coef * entropy.mean()
-    stats = {"value_loss": v_loss}  # kept differentiable for the critic warm-up
-    with torch.no_grad():
-        stats |= {
-            "policy_loss": pg_loss.detach(),
-            "entropy": entropy.mean(),
-            "approx_kl": (((ratio - 1) - logratio) * w).sum() / w.sum(),
-            "clipfrac": (((ratio - 1).abs() > clip_coef).to(w.dtype) * w).sum() / w.sum(),
-        }
-    return loss, stats
 
 
 # ---------------------------------------------------------------- networks
@@ -370,7 +374,9 @@ class FlowNoisePolicy(nn.Module):
         for k in range(self.K):
             mu, sigma = self.step_gaussian(x, t[k].expand(x.shape[0]), o)
             x = mu + sigma * torch.randn_like(mu) if stochastic else mu
-            chain.append(x), mus.append(mu), sigmas.append(sigma)
+            chain.append(x)
+            mus.append(mu)
+            sigmas.append(sigma)
         return torch.stack(chain, 1), torch.stack(mus, 1), torch.stack(sigmas, 1)
 
     def chain_gaussians(self, obs, chain):
@@ -395,16 +401,78 @@ def make_critic(obs_dim, hidden=256):
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------- environments and data
+# ---------------------------------------------------------------- plumbing: validation, environments, demos
+
+
+def fail(msg: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 1, not a traceback."""
+    raise SystemExit(f"error: {msg}")
 
 
 def is_maniskill(env_id: str) -> bool:
-    if env_id not in gym.registry:  # ManiSkill registers its ids on import, which is slow: only when needed
+    """True for a ManiSkill3 id, False for a gymnasium one; fail() for an id neither knows."""
+    if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
         import mani_skill.envs  # noqa: F401
-    spec = gym.registry.get(env_id)
-    return spec is not None and "mani_skill" in getattr(
-        getattr(spec.entry_point, "func", None), "__module__", ""
-    )
+    if env_id not in gym.registry:
+        fail(f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)")  # noqa: E501
+    entry = gym.registry[env_id].entry_point
+    entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
+    return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
+
+
+def validate(args: Args) -> list[str]:
+    """Every flag check, before anything slow; resolves --sim-backend/--vector-env auto and fills the batch
+    sizes. Returns the tasks."""
+    tasks = args.env_id.split(",")
+    checks = [
+        (args.num_envs >= 1 and args.num_eval_envs >= 1, "--num-envs and --num-eval-envs must be >= 1"),
+        (args.denoising_steps >= 1, "--denoising-steps must be >= 1"),
+        (1 <= args.num_action_chunks <= args.action_horizon,
+         "--num-action-chunks must be in [1, --action-horizon]"),
+        (min(args.num_steps, args.num_minibatches, args.update_epochs) >= 1,
+         "--num-steps, --num-minibatches and --update-epochs must be >= 1"),
+        (args.total_timesteps >= 0 and args.sft_steps >= 0, "--total-timesteps and --sft-steps must be >= 0"),
+        (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "need 0 < --gamma <= 1, 0 <= --gae-lambda <= 1"),
+        (0 < args.sigma_min <= args.sigma_max, "need 0 < --sigma-min <= --sigma-max"),
+        (args.eval_freq >= 1 and args.eval_episodes >= 1, "--eval-freq and --eval-episodes must be >= 1"),
+        (args.num_demos is None or args.num_demos >= 1, "--num-demos must be >= 1"),
+        (len(set(tasks)) == len(tasks), f"--env-id {args.env_id} names a task twice"),
+        (min(args.num_envs, args.num_eval_envs) >= len(tasks),
+         f"{len(tasks)} tasks need --num-envs and --num-eval-envs >= {len(tasks)}"),
+        (not args.evaluate or args.checkpoint is not None, "--evaluate needs --checkpoint PATH"),
+        (args.demo_path is None or len(args.demo_path.split(",")) == len(tasks),
+         f"{len(tasks)} tasks need {len(tasks)} comma-separated --demo-path files"),
+        (args.backbone_path is None or Path(args.backbone_path, "config.json").exists(),
+         f"--backbone-path {args.backbone_path} has no config.json (save one with save_pretrained)"),
+    ]  # fmt: skip
+    for ok, msg in checks:
+        if not ok:
+            fail(msg)
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    if args.batch_size % args.num_minibatches or args.minibatch_size < 2:  # a 1-sample minibatch: Â std NaN
+        fail(
+            f"--num-envs x --num-steps = {args.batch_size} chunks do not split into --num-minibatches "
+            f"{args.num_minibatches} equal minibatches of >= 2"
+        )
+    args.num_iterations = args.total_timesteps // (args.batch_size * args.num_action_chunks)
+
+    maniskill = [is_maniskill(task) for task in tasks]
+    if args.sim_backend == "physx_cuda" and not torch.cuda.is_available():
+        fail("--sim-backend physx_cuda needs a CUDA GPU; pass --sim-backend physx_cpu")
+    if args.sim_backend == "auto":  # physx_cuda runs one scene type per process: multi-task stays on the CPU
+        gpu = args.cuda and torch.cuda.is_available() and all(maniskill) and len(tasks) == 1
+        args.sim_backend = "physx_cuda" if gpu else "physx_cpu"
+    if args.vector_env == "auto":
+        args.vector_env = "maniskill" if args.sim_backend == "physx_cuda" else "gymnasium"
+    if args.vector_env == "maniskill" and not (all(maniskill) and len(tasks) == 1):
+        fail(f"--vector-env maniskill needs one ManiSkill --env-id, not {args.env_id}")
+    cpu_batched = args.vector_env == "maniskill" and args.sim_backend == "physx_cpu"
+    if cpu_batched and args.num_envs + args.num_eval_envs > 2:
+        fail("--vector-env maniskill on physx_cpu runs one env: pass --num-envs 1 --num-eval-envs 1")
+    if args.vector_env == "gymnasium" and args.sim_backend == "physx_cuda" and any(maniskill):
+        fail("--sim-backend physx_cuda runs in ManiSkill's batched env: pass --vector-env maniskill")
+    return tasks
 
 
 def task_token_obs(obs, task: int, num_tasks: int, pad_to: int) -> np.ndarray:
@@ -416,13 +484,14 @@ def task_token_obs(obs, task: int, num_tasks: int, pad_to: int) -> np.ndarray:
     return out
 
 
-def make_maniskill(args: Args, env_id: str, video_dir: str | None, **backend):
-    """One ManiSkill env (or, with num_envs=n on physx_cuda, n of them in one scene batch)."""
+def make_maniskill(args: Args, num_envs: int, env_id: str, video_dir=None, sim_backend="physx_cpu"):
+    """num_envs ManiSkill envs in one process (one on physx_cpu), batched torch tensors."""
     env = gym.make(
-        env_id, obs_mode="state", control_mode=args.control_mode, reward_mode=args.reward_mode,
-        max_episode_steps=args.max_episode_steps or 100, render_mode="rgb_array" if video_dir else None,
-        enhanced_determinism=True,  # else unseeded resets use the worker process's unseeded torch RNG
-        **backend,
+        env_id, num_envs=num_envs, obs_mode="state", control_mode=args.control_mode,
+        reward_mode=args.reward_mode, max_episode_steps=args.max_episode_steps or 100,
+        render_mode="rgb_array" if video_dir else None, sim_backend=sim_backend,
+        render_backend="cpu" if sim_backend == "physx_cpu" else "gpu",
+        enhanced_determinism=True,  # else unseeded resets use the process's unseeded torch RNG
     )  # fmt: skip
     if video_dir:
         from mani_skill.utils.wrappers.record import RecordEpisode
@@ -432,16 +501,14 @@ def make_maniskill(args: Args, env_id: str, video_dir: str | None, **backend):
 
 
 def make_env(args: Args, env_id: str, maniskill: bool, video_dir: str | None = None, token=None):
-    """token = (task, num_tasks, pad_to): the env returns task_token_obs of its observations."""
+    """One env for an AsyncVectorEnv worker; token = (task, num_tasks, pad_to): it returns task_token_obs."""
 
     def thunk():
         if maniskill:
             import mani_skill.envs  # noqa: F401  (registers the ids in the subprocess)
             from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-            env = CPUGymWrapper(
-                make_maniskill(args, env_id, video_dir, sim_backend="physx_cpu", render_backend="cpu")
-            )
+            env = CPUGymWrapper(make_maniskill(args, 1, env_id, video_dir))
         else:
             env = gym.make(env_id, max_episode_steps=args.max_episode_steps,
                            render_mode="rgb_array" if video_dir else None)  # fmt: skip
@@ -459,28 +526,28 @@ def task_obs_dims(args: Args, tasks: list[str]) -> list[int]:
     dims, spaces = [], []
     for task in tasks:
         env = make_env(args, task, is_maniskill(task))()
-        dims.append(env.observation_space.shape[0]), spaces.append(env.action_space), env.close()
+        dims.append(env.observation_space.shape[0])
+        spaces.append(env.action_space)
+        env.close()
     if any(space != spaces[0] for space in spaces):
-        raise SystemExit(f"error: the tasks' action spaces differ ({spaces}); pass tasks of one robot")
+        fail(f"the tasks' action spaces differ ({spaces}); pass tasks of one robot")
     return dims
 
 
 class VecEnv:
-    """N envs behind one torch API. Episodes reset only when the caller asks, i.e. between chunks."""
+    """N envs behind one torch API, without autoreset: episodes reset only when the caller asks."""
 
     def __init__(self, args: Args, n: int, device, video_dir=None, tokens=(None,)):
         self.device = device
         self.relative = args.relative_reward
         self.prev_r = torch.zeros(n, device=device)  # r_{t-1} of each env, for --relative-reward
         self.tasks = args.env_id.split(",")
-        T = len(self.tasks)
-        self.task_of_env = [i % T for i in range(n)]  # round-robin
-        # physx_cuda runs one scene type per process: a multi-task run keeps its sub-envs on physx_cpu
-        self.gpu = device.type == "cuda" and T == 1 and is_maniskill(args.env_id)
-        if self.gpu:  # physx_cuda: all envs in this process, tensors stay on the GPU
+        self.task_of_env = [i % len(self.tasks) for i in range(n)]  # round-robin
+        self.batched = args.vector_env == "maniskill"
+        if self.batched:  # all envs in this process, torch tensors on the simulator's device
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-            env = make_maniskill(args, args.env_id, video_dir, num_envs=n, sim_backend="physx_cuda")
+            env = make_maniskill(args, n, args.env_id, video_dir, args.sim_backend)
             self.envs = ManiSkillVectorEnv(
                 env, n, auto_reset=False, ignore_terminations=False, record_metrics=False
             )
@@ -490,24 +557,22 @@ class VecEnv:
                 make_env(args, self.tasks[k], ms[k], video_dir if i == 0 else None, tokens[k])
                 for i, k in enumerate(self.task_of_env)
             ]
-            # one process per env ("spawn": SAPIEN does not survive fork); unlike SyncVectorEnv, these workers
-            # let an env that ended inside a chunk keep stepping until the chunk is over
+            # one process per env ("spawn": SAPIEN does not survive fork)
             self.envs = gym.vector.AsyncVectorEnv(
-                thunks,
-                context="spawn" if any(ms) else "fork",
+                thunks, context="spawn" if any(ms) else "fork",
                 autoreset_mode=gym.vector.AutoresetMode.DISABLED,
-            )
+            )  # fmt: skip
         space = self.envs.single_action_space
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
             self.envs.close()
-            raise SystemExit(f"error: {args.env_id} has action space {space}; flow_noise_ppo needs a 1-D Box")
+            fail(f"{args.env_id} has action space {space}; flow_noise_ppo needs a 1-D Box")
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.act_dim = space.shape[0]
         self.low = torch.as_tensor(space.low, dtype=torch.float32, device=device)
         self.high = torch.as_tensor(space.high, dtype=torch.float32, device=device)
 
     def _t(self, x, dtype=torch.float32):
-        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, device=self.device).to(dtype)
+        return torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x), device=self.device).to(dtype)
 
     def reset(self, seed=None):
         self.prev_r.zero_()
@@ -516,7 +581,7 @@ class VecEnv:
     def step(self, a):
         """env action a -> obs, reward, terminated, truncated, success (all tensors)."""
         a = torch.maximum(torch.minimum(a, self.high), self.low)
-        obs, r, term, trunc, info = self.envs.step(a if self.gpu else a.cpu().numpy())
+        obs, r, term, trunc, info = self.envs.step(a if self.batched else a.cpu().numpy())
         success = info.get("success", np.zeros(len(r), bool))
         r = self._t(r)
         if self.relative:
@@ -525,32 +590,78 @@ class VecEnv:
                 self._t(success, torch.bool))  # fmt: skip
 
     def reset_done(self, done, obs):
+        """Resets exactly the envs in the mask done (their next episode from the env's own seeded RNG)."""
         if not done.any():
             return obs
         self.prev_r[done] = 0.0
-        if self.gpu:
-            return self.envs.reset(options={"env_idx": done.nonzero()[:, 0]})[0]
-        return self._t(self.envs.reset(options={"reset_mask": done.cpu().numpy()})[0])
+        if self.batched:
+            new = self.envs.reset(options={"env_idx": done.nonzero()[:, 0]})[0]
+        else:
+            new = self.envs.reset(options={"reset_mask": done.cpu().numpy()})[0]
+        return torch.where(done[:, None], self._t(new), obs)
 
     def close(self):
         self.envs.close()
 
 
-def check_demo_file(path, env_id: str, control_mode: str):
-    """Before any env starts: the file exists and its json sidecar names this env and controller."""
+def new_episodes(n, device) -> dict[str, torch.Tensor]:
+    zeros = torch.zeros(n, dtype=torch.bool, device=device)
+    return {"return": torch.zeros(n, device=device), "success_once": zeros, "success_at_end": zeros.clone()}
+
+
+def step_chunk(envs: VecEnv, actions, alive, ep):
+    """Plays the C env actions (N, C, A) of a chunk. An env whose episode ends inside the chunk (or had ended:
+    alive False) ignores the rest of it: leftover actions played in its next episode would start that
+    episode off the demos' distribution. Updates alive and the episode stats ep in place; returns the obs,
+    the chunk's reward (N,), the obs at which each episode ended, and which ended by truncation."""
+    reward = torch.zeros_like(ep["return"])
+    truncated = torch.zeros_like(alive)
+    end_obs = None
+    for j in range(actions.shape[1]):
+        obs, r, term, trunc, success = envs.step(actions[:, j])
+        reward += r * alive
+        ep["return"] += r * alive
+        ep["success_once"] |= success & alive
+        end = alive & (term | trunc)
+        ep["success_at_end"][end] = success[end]
+        truncated |= end & trunc & ~term
+        end_obs = obs if end_obs is None else torch.where(end[:, None], obs, end_obs)
+        alive &= ~end
+    return obs, reward, end_obs, truncated
+
+
+def demo_keys(f) -> list[str]:
+    return sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
+
+
+def check_demo_file(path, env_id: str, args: Args) -> int:
+    """Before any env starts: an h5 with traj_i/{obs, actions} whose json sidecar names this env and
+    controller. Returns the number of transitions used (--num-demos trajectories)."""
+    import h5py
+
     path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: demo file {path} not found; make one with `bash make_demos.sh {env_id}`")
+    make = f"make state demos with `bash make_demos.sh {env_id}`"
+    if not path.is_file():
+        fail(f"demo file {path} not found; {make}")
     meta = path.with_suffix(".json")
     if meta.exists():
         info = json.loads(meta.read_text()).get("env_info", {})
         if info.get("env_id", env_id) != env_id:
-            raise SystemExit(
-                f"error: demos are for {info['env_id']}, not {env_id}; pass matching --env-id (and order)"
-            )
-        mode = info.get("env_kwargs", {}).get("control_mode", control_mode)
-        if mode != control_mode:
-            raise SystemExit(f"error: demos use control mode {mode}; pass --control-mode {mode}")
+            fail(f"demos are for {info['env_id']}, not {env_id}; pass matching --env-id (and order)")
+        mode = info.get("env_kwargs", {}).get("control_mode", args.control_mode)
+        if mode != args.control_mode:
+            fail(f"demos use control mode {mode}; pass --control-mode {mode}")
+    try:
+        with h5py.File(path, "r") as f:
+            keys = demo_keys(f)[: args.num_demos]
+            if not keys:
+                fail(f"{path} has no traj_i groups; {make}")
+            for k in keys:
+                if not (isinstance(f[k], h5py.Group) and "obs" in f[k] and "actions" in f[k]):
+                    fail(f"{path}:{k} has no obs and actions; {make}")
+            return sum(len(f[k]["actions"]) for k in keys)
+    except OSError as e:  # not HDF5, or truncated
+        fail(f"cannot read demo file {path} ({str(e).splitlines()[0][:80]}); {make}")
 
 
 def load_demos(path, args: Args, obs_dim, act_dim, token=None):
@@ -560,25 +671,18 @@ def load_demos(path, args: Args, obs_dim, act_dim, token=None):
 
     obs, chunks = [], []
     with h5py.File(path, "r") as f:
-        keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
-        if not keys:
-            raise SystemExit(f"error: {path} has no traj_i groups; make demos with `bash make_demos.sh`")
-        for k in keys[: args.num_demos]:
+        for k in demo_keys(f)[: args.num_demos]:
             o, a = f[k]["obs"], f[k]["actions"]
-            if (
-                not hasattr(o, "shape")
-                or o.ndim != 2
-                or a.ndim != 2
-                or (o.shape[1], a.shape[1]) != (obs_dim, act_dim)
-            ):
-                raise SystemExit(
-                    f"error: {path}:{k} has obs {getattr(o, 'shape', 'dict')} / actions {a.shape}, env needs "
+            shapes = (o.ndim, a.ndim, o.shape[-1], a.shape[-1]) if hasattr(o, "shape") else None
+            if shapes != (2, 2, obs_dim, act_dim):
+                fail(
+                    f"{path}:{k} has obs {getattr(o, 'shape', 'dict')} / actions {a.shape}, env needs "
                     f"(L+1, {obs_dim}) / (L, {act_dim}); make state demos for {args.control_mode}"
                 )
             o, a = np.asarray(o[:-1], np.float32), np.asarray(a, np.float32)
-            o = o if token is None else task_token_obs(o, *token)
+            obs.append(o if token is None else task_token_obs(o, *token))
             idx = np.minimum(np.arange(len(a))[:, None] + np.arange(args.action_horizon)[None], len(a) - 1)
-            obs.append(o), chunks.append(a[idx])
+            chunks.append(a[idx])
     return torch.as_tensor(np.concatenate(obs)), torch.as_tensor(np.concatenate(chunks))
 
 
@@ -587,26 +691,17 @@ def load_demos(path, args: Args, obs_dim, act_dim, token=None):
 
 @torch.no_grad()
 def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
-    """Deterministic chains (σ = 0), no partial resets: rounds of N full episodes until each task has
+    """Noiseless chains, no partial resets: rounds of N full episodes (the first seeded) until each task has
     n_episodes. Returns the task-averaged means and, with several tasks, "{task}/{metric}" too."""
-    rows, first = [], True  # (task, return, success_once, success_at_end)
+    rows = []  # (task, return, success_once, success_at_end)
     while min(sum(row[0] == k for row in rows) for k in range(len(envs.tasks))) < n_episodes:
-        obs = envs.reset(seed=seed if first else None)
-        first = False
-        N = obs.shape[0]
-        ret = torch.zeros(N, device=obs.device)
-        once = torch.zeros(N, dtype=torch.bool, device=obs.device)
-        at_end, alive = once.clone(), ~once
+        obs = envs.reset(seed=None if rows else seed)
+        ep = new_episodes(obs.shape[0], obs.device)
+        alive = torch.ones_like(ep["success_once"])
         while alive.any():
             x = policy.sample(obs, stochastic=False)[0][:, -1]
-            for j in range(C):
-                obs, r, term, trunc, success = envs.step(policy.to_env(x[:, j]))
-                ret += r * alive
-                once |= success & alive
-                end = alive & (term | trunc)
-                at_end[end] = success[end]
-                alive &= ~(term | trunc)
-        rows += list(zip(envs.task_of_env, ret.tolist(), once.tolist(), at_end.tolist(), strict=True))
+            obs = step_chunk(envs, policy.to_env(x[:, :C]), alive, ep)[0]
+        rows += list(zip(envs.task_of_env, *(ep[k].tolist() for k in ep), strict=True))
     per_task = {}
     for k, task in enumerate(envs.tasks):
         ret, once, at_end = np.array([row[1:] for row in rows if row[0] == k][:n_episodes], np.float64).T
@@ -617,10 +712,11 @@ def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
     return stats
 
 
-def save_checkpoint(path, policy, critic, optimizer, args, global_step, iteration):
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(path, policy, critic, optimizer, args: Args, global_step: int, iteration: int):
+    """Everything a resume needs, RNG states included; written atomically (tmp file + os.replace)."""
     expert = policy.expert
     state = {
+        "script": "flow_noise_ppo",
         "policy": policy.state_dict(),
         "critic": critic.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -628,28 +724,34 @@ def save_checkpoint(path, policy, critic, optimizer, args, global_step, iteratio
         "backbone_config": expert.lm.config.to_dict() if isinstance(expert, TransformerExpert) else None,
         "global_step": global_step,
         "iteration": iteration,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
     }
-    torch.save(state, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)  # a crash never leaves a half-written checkpoint
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+    print(f"checkpoint {path}", flush=True)
 
 
 def load_checkpoint(args: Args):
-    if not Path(args.checkpoint).exists():
-        raise SystemExit(f"error: checkpoint {args.checkpoint} not found")
+    path = Path(args.checkpoint)
+    ours = "pass a ckpt.pt or sft.pt written by flow_noise_ppo.py"
+    if not path.is_file():
+        fail(f"checkpoint {path} not found; {ours}")
     try:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise SystemExit(
-            f"error: cannot read checkpoint {args.checkpoint} ({type(e).__name__}); pass a flow_noise_ppo .pt"
-        ) from None
-    if not isinstance(ckpt, dict) or "policy" not in ckpt:
-        raise SystemExit(f"error: {args.checkpoint} is not a flow_noise_ppo checkpoint")
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); {ours}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "flow_noise_ppo":
+        fail(f"{path} is not a flow_noise_ppo checkpoint; {ours}")
     for key in ("env_id", "backbone", "action_horizon"):
         if ckpt["args"][key] != getattr(args, key):
-            raise SystemExit(
-                f"error: checkpoint has --{key.replace('_', '-')} {ckpt['args'][key]}, "
-                f"this run {getattr(args, key)}; pass the same value"
-            )
+            flag = key.replace("_", "-")
+            fail(f"checkpoint has --{flag} {ckpt['args'][key]}, this run {getattr(args, key)}; pass --{flag} "
+                 f"{ckpt['args'][key]}")  # fmt: skip
     return ckpt
 
 
@@ -659,56 +761,54 @@ def restore_checkpoint(ckpt, policy, critic, optimizer, args: Args):
         critic.load_state_dict(ckpt["critic"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise SystemExit(
-            f"error: checkpoint does not fit this model ({str(e).splitlines()[0][:120]})"
-        ) from None
+        fail(f"checkpoint does not fit this model ({str(e).splitlines()[0][:120]})")
     # the optimizer state carries the saved run's learning rates: this run's flags win (RL from an SFT ckpt)
-    lrs = (args.learning_rate, args.critic_learning_rate)
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
+    optimizer.param_groups[0]["lr"] = args.learning_rate
+    optimizer.param_groups[1]["lr"] = args.critic_learning_rate
+    if ckpt["args"]["seed"] == args.seed:  # the same run continues; another --seed starts its own RNG streams
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
 
 
 # ---------------------------------------------------------------- main
 
 
 def main(args: Args):
-    tasks = args.env_id.split(",")
-    for task in tasks:
-        if not is_maniskill(task) and task not in gym.registry:
-            raise SystemExit(f"error: unknown env id {task!r}; try PickCube-v1, PushCube-v1 or Hopper-v5")
-    if len(set(tasks)) < len(tasks) or min(args.num_envs, args.num_eval_envs) < len(tasks):
-        raise SystemExit(
-            f"error: {len(tasks)} tasks need distinct ids and --num-envs, --num-eval-envs >= {len(tasks)}"
-        )
-    if not 1 <= args.num_action_chunks <= args.action_horizon:
-        raise SystemExit(f"error: --num-action-chunks must be in [1, --action-horizon={args.action_horizon}]")
-    if args.evaluate and args.checkpoint is None:
-        raise SystemExit("error: --evaluate needs --checkpoint PATH")
-    if args.backbone_path is not None and not Path(args.backbone_path, "config.json").exists():
-        raise SystemExit(
-            f"error: --backbone-path {args.backbone_path} has no config.json (save one with save_pretrained)"
-        )
-    demo_paths = args.demo_path.split(",") if args.demo_path else []
-    if demo_paths and len(demo_paths) != len(tasks):
-        raise SystemExit(f"error: {len(tasks)} tasks need {len(tasks)} comma-separated --demo-path files")
-    for path, task in zip(demo_paths, tasks, strict=False):
-        check_demo_file(path, task, args.control_mode)
+    tasks = validate(args)
     ckpt = load_checkpoint(args) if args.checkpoint else None
-
+    demo_paths = args.demo_path.split(",") if args.demo_path else []
+    num_transitions = sum(check_demo_file(p, task, args) for p, task in zip(demo_paths, tasks, strict=False))
+    if args.seed is None:
+        args.seed = ckpt["args"]["seed"] if ckpt else 1
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs", run_name)
-    ckpt_path = run_dir / "flow_noise_ppo.pt"
-    video_dir = str(run_dir / "videos") if args.capture_video else None
+    run_dir = Path("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    backend = f"{args.sim_backend}, {args.vector_env}" if is_maniskill(tasks[0]) else args.vector_env
+    what = f"evaluate {args.checkpoint}" if args.evaluate else f"run {run_dir}"
+    demos_part = f" | demos {num_transitions} transitions" if num_transitions else ""
+    print(f"{what} | env {args.env_id} ({backend}) | device {device}{demos_part}", flush=True)
 
     dims = task_obs_dims(args, tasks) if len(tasks) > 1 else None  # one task: no padding, no token
     tokens = [(k, len(tasks), max(dims)) for k in range(len(tasks))] if dims else [None]
+    video_dir = str(run_dir / "videos") if args.capture_video and not args.evaluate else None
     eval_envs = VecEnv(args, args.num_eval_envs, device, video_dir, tokens)
     envs = None if args.evaluate else VecEnv(args, args.num_envs, device, tokens=tokens)
+    try:
+        return train(args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, run_dir)
+    finally:
+        eval_envs.close()
+        if envs is not None:
+            envs.close()
+
+
+def train(args: Args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, run_dir):
     N, C, K, H = args.num_envs, args.num_action_chunks, args.denoising_steps, args.action_horizon
     D, A = eval_envs.obs_dim, eval_envs.act_dim
     # SFT data: the union of the tasks' demos, each in its task's observation layout
@@ -735,10 +835,19 @@ def main(args: Args):
         global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
     mask = executed_mask(H, A, C, device=device)
 
-    if args.evaluate:
+    def log_eval(writer=None):
         stats = evaluate(policy, eval_envs, args.eval_episodes, C, args.seed + 10_000)
-        print(" ".join(f"eval/{k}={v:.3f}" for k, v in stats.items()) + f" episodes={args.eval_episodes}")
-        eval_envs.close()
+        for k, v in stats.items() if writer else ():
+            writer.add_scalar(f"eval/{k}", v, global_step)
+        print(f"eval step {global_step}: " + " ".join(f"{k}={v:.3f}" for k, v in stats.items()), flush=True)
+        return stats
+
+    if args.evaluate:
+        stats = log_eval()
+        out = Path(args.checkpoint).with_suffix(".eval.json")
+        out.write_text(json.dumps({"checkpoint": args.checkpoint, "step": global_step, "seed": args.seed,
+                                   "episodes": args.eval_episodes, **stats}, indent=1))  # fmt: skip
+        print(f"wrote {out}")
         return stats
 
     from torch.utils.tensorboard import SummaryWriter
@@ -746,12 +855,19 @@ def main(args: Args):
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
-                   save_code=True)  # fmt: skip
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args),
+                   name=run_dir.name, save_code=True)  # fmt: skip
     writer = SummaryWriter(str(run_dir))
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
+    last_ckpt = None
+
+    def checkpoint(name, iteration):
+        nonlocal last_ckpt
+        if args.save_model:
+            last_ckpt = run_dir / name
+            save_checkpoint(last_ckpt, policy, critic, optimizer, args, global_step, iteration)
 
     # ---- SFT: few-shot flow matching on the demonstrations
     if demos is not None and ckpt is None:
@@ -767,60 +883,56 @@ def main(args: Args):
         for step in range(1, args.sft_steps + 1):
             idx = torch.randint(len(obs_d), (args.sft_batch_size,), device=device)
             loss = policy.sft_loss(obs_d[idx], act_d[idx])
+            if not torch.isfinite(loss):
+                fail(f"non-finite SFT loss at SFT step {step}; last good checkpoint: none")
             sft_opt.zero_grad()
             loss.backward()
             sft_opt.step()
             if step % 500 == 0 or step == args.sft_steps:
                 writer.add_scalar("sft/loss", loss.item(), step)
-                print(f"sft step={step} loss={loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-        print(f"sft: {len(obs_d)} samples, {args.sft_steps} steps, {time.time() - t0:.1f}s", flush=True)
+                print(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s",
+                      flush=True)  # fmt: skip
+        checkpoint("sft.pt", 0)
     if ckpt is None:
-        stats = evaluate(policy, eval_envs, args.eval_episodes, C, args.seed + 10_000)
-        for k, v in stats.items():
-            writer.add_scalar(f"eval/{k}", v, 0)
-        print("step=0 (after SFT) " + " ".join(f"eval/{k}={v:.3f}" for k, v in stats.items()), flush=True)
-        if args.save_model:
-            save_checkpoint(ckpt_path, policy, critic, optimizer, args, 0, 0)
+        log_eval(writer)
+        checkpoint("ckpt.pt", 0)
+    else:
+        print(f"resumed {args.checkpoint} at step {global_step}", flush=True)
 
     # ---- PPO on chunk steps
-    T = args.num_steps
-    batch_size = T * N
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // (batch_size * C)
+    T, B = args.num_steps, args.batch_size
+    eval_iters = max(1, round(args.eval_freq / (B * C)))
     obs_buf = torch.zeros(T, N, D, device=device)
     chain_buf = torch.zeros(T, N, K + 1, H, A, device=device)
     logp_buf = torch.zeros((T, N, H, A) if args.logprob_type == "token" else (T, N), device=device)
     rew_buf, done_buf, val_buf = (torch.zeros(T, N, device=device) for _ in range(3))
-    ep_ret, ep_success = torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device)
     recent_ret, recent_success = [], []
-
-    obs = envs.reset(seed=args.seed)
-    start_time, start_step = time.time(), global_step
-    for iteration in range(start_iteration, num_iterations + 1):
+    # after every checkpoint, as a resumed run does: the cut episodes count as truncated (bootstrapped by GAE)
+    obs = envs.reset(seed=args.seed + global_step)
+    ep = new_episodes(N, device)
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        t_start, step_start = time.time(), global_step
         for step in range(T):
             with torch.no_grad():
                 chain, mu, sigma = policy.sample(obs)
                 logp_buf[step] = chain_log_prob(chain, mu, sigma, mask, args.logprob_type)
                 val_buf[step] = critic(policy.normalize(obs)).squeeze(-1)
-            obs_buf[step], chain_buf[step] = obs, chain
-            reward = torch.zeros(N, device=device)
+            obs_buf[step] = obs
+            chain_buf[step] = chain
             alive = torch.ones(N, dtype=torch.bool, device=device)
-            for j in range(C):  # envs that end inside the chunk idle until it is over, then reset
-                next_obs, r, term, trunc, success = envs.step(policy.to_env(chain[:, -1, j]))
-                reward += r * alive
-                ep_ret += r * alive
-                ep_success |= success & alive
-                end = alive & (term | trunc)
-                if (end & trunc & ~term).any():  # time limit is not failure: bootstrap from the last state
-                    with torch.no_grad():
-                        v_last = critic(policy.normalize(next_obs)).squeeze(-1)
-                    reward += args.gamma * v_last * (end & trunc & ~term)
-                for i in end.nonzero()[:, 0].tolist():
-                    recent_ret.append(ep_ret[i].item()), recent_success.append(float(ep_success[i]))
-                ep_ret[end], ep_success[end] = 0.0, False
-                alive &= ~end
+            actions = policy.to_env(chain[:, -1, :C])
+            next_obs, reward, end_obs, truncated = step_chunk(envs, actions, alive, ep)
+            if truncated.any():  # a time limit is not failure: bootstrap from the last state
+                with torch.no_grad():
+                    reward += args.gamma * critic(policy.normalize(end_obs)).squeeze(-1) * truncated
+            for i in (~alive).nonzero()[:, 0].tolist():
+                recent_ret.append(ep["return"][i].item())
+                recent_success.append(float(ep["success_once"][i]))
+            for v in ep.values():
+                v[~alive] = 0
             global_step += N * C
-            rew_buf[step], done_buf[step] = reward, (~alive).float()
+            rew_buf[step] = reward
+            done_buf[step] = (~alive).float()
             obs = envs.reset_done(~alive, next_obs)
 
         with torch.no_grad():
@@ -830,63 +942,64 @@ def main(args: Args):
         b_obs, b_chain = obs_buf.flatten(0, 1), chain_buf.flatten(0, 1)
         b_logp, b_adv = logp_buf.flatten(0, 1), advantages.flatten()
         b_ret, b_val = returns.flatten(), val_buf.flatten()
-        update_policy = iteration > args.critic_warmup
+        update_policy = iteration > args.critic_warmup_iters
         t_update = time.time()
         for _epoch in range(args.update_epochs):
-            perm = torch.randperm(batch_size, device=device)
-            for start in range(0, batch_size, minibatch_size):
-                mb = perm[start : start + minibatch_size]
+            perm = torch.randperm(B, device=device)
+            for start in range(0, B, args.minibatch_size):
+                mb = perm[start : start + args.minibatch_size]
                 mb_adv = b_adv[mb]
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 mu, sigma = policy.chain_gaussians(b_obs[mb], b_chain[mb])
                 new_logp = chain_log_prob(b_chain[mb], mu, sigma, mask, args.logprob_type)
                 new_v = critic(policy.normalize(b_obs[mb])).squeeze(-1)
-                loss, stats = ppo_loss(
-                    new_logp, b_logp[mb], mb_adv, new_v, b_val[mb], b_ret[mb],
-                    chain_entropy(sigma, mask), mask, args.clip_coef, args.value_clip, args.ent_coef,
-                    args.vf_coef, args.huber_delta,
-                )  # fmt: skip
-                if not update_policy:  # critic warm-up: the value loss alone
-                    loss = args.vf_coef * stats["value_loss"]
+                pg_loss, approx_kl, clipfrac = policy_loss(new_logp, b_logp[mb], mb_adv, mask, args.clip_coef)
+                v_loss = value_loss(new_v, b_val[mb], b_ret[mb])
+                entropy = chain_entropy(sigma, mask).mean()
+                if update_policy:
+                    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+                else:  # critic warm-up: the value loss alone
+                    loss = args.vf_coef * v_loss
+                if not torch.isfinite(loss):
+                    terms = {"policy loss": pg_loss, "value loss": v_loss, "entropy": entropy}
+                    name = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
+                    fail(f"non-finite {name} at step {global_step}; last good checkpoint: {last_ckpt}")
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(
                     list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm
                 )
                 optimizer.step()
-            if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
+            if args.target_kl is not None and approx_kl > args.target_kl:
                 break
         update_time = time.time() - t_update
 
         var_y = b_ret.var()
         explained_var = (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan")
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        for k, v in stats.items():
-            writer.add_scalar(f"losses/{k}", v.item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("losses/sigma_mean", sigma.mean().item(), global_step)
+        sps = int((global_step - step_start) / (time.time() - t_start))
+        losses = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item(),
+                  "approx_kl": approx_kl,
+                  "clipfrac": clipfrac, "explained_variance": explained_var,
+                  "sigma_mean": sigma.mean()}  # fmt: skip
+        for k, v in losses.items():
+            writer.add_scalar(f"losses/{k}", float(v), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/update_seconds", update_time, global_step)
-        line = f"iter={iteration}/{num_iterations} step={global_step} SPS={sps} update={update_time:.2f}s"
+        writer.add_scalar("charts/update_time", update_time, global_step)
+        eta = (args.num_iterations - iteration) * B * C / max(sps, 1) / 60
+        line = f"step {global_step}/{args.num_iterations * B * C} | {sps} steps/s | ETA {eta:.0f}m"
         if recent_ret:
             writer.add_scalar("charts/episodic_return", np.mean(recent_ret), global_step)
             writer.add_scalar("charts/success_once", np.mean(recent_success), global_step)
-            line += f" return={np.mean(recent_ret):.3f} success={np.mean(recent_success):.3f}"
+            line += (f" | train episodes (end at success): return {np.mean(recent_ret):.3f} "
+                     f"success {np.mean(recent_success):.3f}")  # fmt: skip
             recent_ret, recent_success = [], []
-        print(line + f" kl={stats['approx_kl'].item():.4f} sigma={sigma.mean().item():.3f}", flush=True)
+        print(line + f" | kl {approx_kl.item():.4f} sigma {sigma.mean().item():.3f}", flush=True)
 
-        if iteration % args.eval_every == 0 or iteration == num_iterations:
-            ev = evaluate(policy, eval_envs, args.eval_episodes, C, args.seed + 10_000)
-            for k, v in ev.items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
-            print(f"step={global_step} " + " ".join(f"eval/{k}={v:.3f}" for k, v in ev.items()), flush=True)
-        if args.save_model and iteration % args.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, policy, critic, optimizer, args, global_step, iteration)
-
-    if args.save_model:
-        save_checkpoint(ckpt_path, policy, critic, optimizer, args, global_step, num_iterations)
-        print(f"model saved to {ckpt_path}")
-    envs.close(), eval_envs.close()
+        if iteration % eval_iters == 0 or iteration == args.num_iterations:
+            log_eval(writer)
+            checkpoint("ckpt.pt", iteration)
+            obs = envs.reset(seed=args.seed + global_step)
+            ep = new_episodes(N, device)
     writer.close()
 
 

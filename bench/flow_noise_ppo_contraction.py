@@ -1,7 +1,7 @@
 """How much of the noise injected at denoising step k reaches the executed actions x_K, for a checkpoint
 on its demo states: std of the change in x_K[:C] when N(0, s²) is added after step k only (rest noiseless).
 
-python bench/flow_noise_ppo_contraction.py --checkpoint runs/<sft run>/flow_noise_ppo.pt --demo-path <h5>
+python bench/flow_noise_ppo_contraction.py --checkpoint runs/<sft run>/sft.pt --demo-path <h5>
 """
 
 import sys
@@ -20,7 +20,7 @@ import flow_noise_ppo as fnp  # noqa: E402
 @dataclass
 class Contraction:
     checkpoint: str
-    """flow_noise_ppo.pt (MLP backbone)"""
+    """ckpt.pt or sft.pt of flow_noise_ppo.py (MLP backbone)"""
     demo_path: str
     """h5 whose observations are used (every 10th step of the first 30 trajectories)"""
     s: float = 0.1

@@ -1,7 +1,7 @@
 """Where a flow_noise_ppo PickCube-v1 checkpoint fails: per episode, ever grasped / ever placed / success,
 with the noiseless ODE or the stochastic chain of --sigma-min/--sigma-max (one in-process env, seeds 20000+i).
 
-python bench/flow_noise_ppo_failure_modes.py --checkpoint runs/<run>/flow_noise_ppo.pt --stochastic
+python bench/flow_noise_ppo_failure_modes.py --checkpoint runs/<run>/ckpt.pt --stochastic
 """
 
 import sys
@@ -19,7 +19,7 @@ import flow_noise_ppo as fnp  # noqa: E402
 @dataclass
 class Diag:
     checkpoint: str
-    """flow_noise_ppo.pt of a PickCube-v1 run (MLP backbone)"""
+    """ckpt.pt or sft.pt of a PickCube-v1 run (MLP backbone)"""
     episodes: int = 100
     """episodes to run"""
     stochastic: bool = False
@@ -39,9 +39,7 @@ def main(d: Diag):
     env_args = fnp.Args(
         control_mode=a["control_mode"], reward_mode="sparse", max_episode_steps=a["max_episode_steps"]
     )
-    env = CPUGymWrapper(
-        fnp.make_maniskill(env_args, "PickCube-v1", None, sim_backend="physx_cpu", render_backend="cpu")
-    )
+    env = CPUGymWrapper(fnp.make_maniskill(env_args, 1, "PickCube-v1"))
     D, A = env.observation_space.shape[0], env.action_space.shape[0]
     policy = fnp.FlowNoisePolicy(D, A, a["action_horizon"], a["denoising_steps"], d.sigma_min, d.sigma_max)
     policy.load_state_dict(ckpt["policy"])

@@ -60,9 +60,9 @@ def main(b: Bench):
             chain, mu, sigma = policy.sample(obs)
             fnp.chain_log_prob(chain, mu, sigma, mask, args.logprob_type)
             critic(policy.normalize(obs))
-        for j in range(C):
-            obs, r, term, trunc, _ = envs.step(policy.to_env(chain[:, -1, j]))
-        obs = envs.reset_done(term | trunc, obs)
+        alive = torch.ones(N, dtype=torch.bool, device=device)
+        obs = fnp.step_chunk(envs, policy.to_env(chain[:, -1, :C]), alive, fnp.new_episodes(N, device))[0]
+        obs = envs.reset_done(~alive, obs)
     rollout_sps = b.rollout_chunks * N * C / (time.perf_counter() - t0)
     envs.close()
 
@@ -84,10 +84,10 @@ def main(b: Bench):
                 mu2, sigma2 = policy.chain_gaussians(obs_b[i], chain[i])
                 new = fnp.chain_log_prob(chain[i], mu2, sigma2, mask, args.logprob_type)
                 v = critic(policy.normalize(obs_b[i])).squeeze(-1)
-                ent = fnp.chain_entropy(sigma2, mask)
-                loss, _ = fnp.ppo_loss(
-                    new, old[i], adv[i], v, val[i], ret[i], ent, mask, 0.2, 0.2, 0.005, 0.5, 10.0
-                )
+                ent = fnp.chain_entropy(sigma2, mask).mean()
+                pg_loss = fnp.policy_loss(new, old[i], adv[i], mask, args.clip_coef)[0]
+                v_loss = fnp.value_loss(v, val[i], ret[i])
+                loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * ent
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -1,13 +1,16 @@
 """flow_noise_ppo.py: chain likelihood, PPO loss and noise bounds checked directly; the CLI end to end."""
 
+import json
+import math
 import re
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_one_line_error, read_scalars, run_script, snapshot
 
 import flow_noise_ppo as fnp
 
@@ -22,15 +25,6 @@ def random_chain(dtype=torch.float64, seed=0):
     mu = chain[:, :-1] + 0.1 * torch.randn(B, K, H, A, generator=g, dtype=dtype)
     sigma = 0.08 + 0.08 * torch.rand(B, K, H, A, generator=g, dtype=dtype)
     return chain, mu, sigma
-
-
-def one_line_error(result, needle):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-2000:]
-    assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("logprob_type", ["token", "chunk"])
@@ -94,12 +88,69 @@ def test_ratio_is_one_at_first_minibatch(logprob_type):
     mu2, sigma2 = policy.chain_gaussians(obs, chain)  # the update, batched over the K steps
     new = fnp.chain_log_prob(chain, mu2, sigma2, mask, logprob_type)
     torch.testing.assert_close((new - old).exp(), torch.ones_like(new), rtol=0, atol=1e-5)
-    adv, v = torch.randn(16), torch.randn(16)
-    entropy = fnp.chain_entropy(sigma2, mask)
-    loss, stats = fnp.ppo_loss(new, old, adv, v, v, v, entropy, mask, 0.2, 0.2, 0.005, 0.5, 10.0)
-    assert abs(stats["approx_kl"]) < 1e-6 and stats["clipfrac"] == 0
-    loss.backward()  # the noise head is trained by the PPO loss
+    pg_loss, approx_kl, clipfrac = fnp.policy_loss(new, old, torch.randn(16), mask, 0.2)
+    assert abs(approx_kl) < 1e-6 and clipfrac == 0
+    (pg_loss - 0.005 * fnp.chain_entropy(sigma2, mask).mean()).backward()  # the noise head is trained
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.expert.noise_head.parameters())
+
+
+def test_sampler_draws_the_chains_the_scorer_scores():
+    """policy.sample (the rollout's sampler) and chain_gaussians + chain_log_prob (the PPO scorer) describe
+    one distribution: every standardised residual (x_{k+1} - μ_k)/σ_k, and x_0, is N(0, 1), and the score
+    function E[∇_θ log π(chain)] is 0 within its Monte Carlo error."""
+    torch.manual_seed(0)
+    policy = fnp.FlowNoisePolicy(5, A, H, K, 0.08, 0.16)
+    with torch.no_grad():  # a random network whose σ spans [σ_min, σ_max] and whose velocity is not small
+        policy.expert.noise_head[-1].weight.mul_(20)
+        policy.expert.v_out.weight.mul_(5)
+    n = 4000
+    obs = torch.randn(n, 5) * 2
+    chain, _, _ = policy.sample(obs)
+    with torch.no_grad():
+        mu, sigma = policy.chain_gaussians(obs, chain)
+    assert sigma.min() < 0.09 and sigma.max() > 0.15
+    z = torch.cat([chain[:, :1], (chain[:, 1:] - mu) / sigma], 1).double()  # (n, K+1, H, A)
+    se = 1 / math.sqrt(n)
+    assert z.mean(0).abs().max() < 4.5 * se  # per (k, h, a): no shifted step
+    assert (z.var(0) - 1).abs().max() < 4.5 * math.sqrt(2) * se  # per (k, h, a): no mis-scaled step
+    x = z.flatten().sort().values  # Kolmogorov-Smirnov against N(0, 1), all n (K+1) H A residuals
+    cdf = torch.special.ndtr(x)
+    m = len(x)
+    ks = torch.maximum(torch.arange(1, m + 1) / m - cdf, cdf - torch.arange(m) / m).max()
+    assert ks < 1.63 / math.sqrt(m), ks  # 1% level
+
+    mask = fnp.executed_mask(H, A, C, A_REAL)
+    params = [policy.expert.v_out.bias, policy.expert.noise_head[-1].bias]
+    groups = []
+    for idx in torch.arange(n).chunk(20):  # 20 groups of 200 chains: the mean score and its standard error
+        mu, sigma = policy.chain_gaussians(obs[idx], chain[idx])
+        logp = fnp.chain_log_prob(chain[idx], mu, sigma, mask, "chunk").mean()
+        groups.append(torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)]))
+    g = torch.stack(groups).double()
+    t = g.mean(0) / (g.std(0) / math.sqrt(len(g)) + 1e-12)
+    assert t.abs().max() < 4.5, t.abs().max()
+
+
+def test_policy_and_value_losses_by_hand():
+    """L_π = -E_m[min(r Â, clip(r) Â)]: a direct evaluation of each case of the min, and L_V's Huber max."""
+    old = torch.zeros(4, dtype=torch.float64)
+    new = torch.log(torch.tensor([1.1, 1.5, 0.5, 0.5], dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([2.0, 1.0, 1.0, -1.0], dtype=torch.float64)
+    loss, _, clipfrac = fnp.policy_loss(new, old, adv, None, 0.2)
+    # r Â unclipped inside the band; r > 1+ε with Â > 0: clipped; r < 1-ε with Â > 0: r Â; with Â < 0: clipped
+    expected = -(2.0 * 1.1 + 1.0 * 1.2 + 1.0 * 0.5 + -1.0 * 0.8) / 4
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
+    assert clipfrac == 0.75
+    loss.backward()  # raising the log-prob of a positive-advantage action inside the band lowers the loss
+    assert new.grad[0] < 0 and new.grad[1] == 0 and new.grad[3] == 0
+    token_new = torch.full((1, H, A), math.log(1.1), dtype=torch.float64)
+    token_new[0, C:] = 5.0  # outside the executed chunk: no effect
+    mask = fnp.executed_mask(H, A, C)
+    token_loss = fnp.policy_loss(token_new, torch.zeros(1, H, A, dtype=torch.float64), adv[:1], mask, 0.2)[0]
+    torch.testing.assert_close(token_loss, torch.tensor(-2.0 * 1.1, dtype=torch.float64))
+    v = fnp.value_loss(torch.tensor([1.0, 30.0]), torch.tensor([0.5, 30.0]), torch.tensor([0.0, 0.0]))
+    # V 1 vs clipped 0.7 -> max(½ 1², ½ 0.7²); V 30: Huber's linear part 10 (30 - 5)
+    torch.testing.assert_close(v, torch.tensor((0.5 + 250.0) / 2))
 
 
 @pytest.mark.parametrize("logprob_type", ["token", "chunk"])
@@ -112,20 +163,19 @@ def test_ppo_loss_gradcheck(logprob_type):
     new_v = (old_v + 0.3 * torch.randn(B, generator=g, dtype=torch.float64)).requires_grad_()
     returns = torch.randn(B, generator=g, dtype=torch.float64) * 5
     adv = torch.randn(B, generator=g, dtype=torch.float64)
-    entropy = torch.randn(B, generator=g, dtype=torch.float64).requires_grad_()
     mask = fnp.executed_mask(H, A, C, A_REAL)
 
-    def f(new, new_v, entropy):
-        return fnp.ppo_loss(new, old, adv, new_v, old_v, returns, entropy, mask, 0.2, 0.2, 0.005, 0.5, 1.0)[0]
+    def f(new, new_v):
+        return fnp.policy_loss(new, old, adv, mask, 0.2)[0] + fnp.value_loss(new_v, old_v, returns, 0.2, 1.0)
 
-    assert torch.autograd.gradcheck(f, (new, new_v, entropy))
+    assert torch.autograd.gradcheck(f, (new, new_v))
 
 
 def test_gae_matches_a_direct_sum():
     r = torch.tensor([[1.0], [0.0], [2.0]])
     v = torch.tensor([[0.5], [0.2], [0.1]])
     d = torch.tensor([[0.0], [1.0], [0.0]])
-    adv, ret = fnp.gae(r, v, d, torch.tensor([0.3]), gamma=0.9, lam=0.8)
+    adv, ret = fnp.gae(r, v, d, torch.tensor([0.3]), gamma=0.9, gae_lambda=0.8)
     d2 = 2.0 + 0.9 * 0.3 - 0.1
     d1 = 0.0 - 0.2  # the episode ended in chunk 1: no bootstrap
     d0 = 1.0 + 0.9 * 0.2 - 0.5
@@ -133,34 +183,91 @@ def test_gae_matches_a_direct_sum():
     torch.testing.assert_close(ret, adv + v)
 
 
-def saved_path(result):
-    match = re.search(r"model saved to (\S+)", result.stdout)
-    assert match, result.stdout[-2000:] + result.stderr[-3000:]
-    return ROOT / match.group(1)
+def run_dir_of(stdout: str):
+    match = re.search(r"^run (\S+) \|", stdout, re.M)
+    assert match, stdout[-2000:]
+    return match.group(1)
 
 
-def test_pickcube_smoke_then_evaluate_checkpoint(pickcube_demos):
-    tiny = ["--num-steps", "4", "--num-minibatches", "2", "--update-epochs", "1", "--critic-warmup", "0"]
-    tiny += ["--num-envs", "1", "--num-eval-envs", "1"]  # one env runs in-process: no spawn start-up
+TINY = ["--num-steps", "4", "--num-minibatches", "2", "--update-epochs", "1", "--critic-warmup-iters", "0"]
+
+
+def test_pickcube_cpu_path_smoke(pickcube_demos):
+    """The default CPU path: ManiSkill in spawned AsyncVectorEnv workers; SFT, PPO, eval, sft.pt, ckpt.pt."""
     result = run_script(
         "flow_noise_ppo.py", "--env-id", "PickCube-v1", "--demo-path", str(pickcube_demos),
         "--num-demos", "5", "--sft-steps", "10", "--total-timesteps", "20", "--eval-episodes", "1",
-        "--max-episode-steps", "10", "--save-model", "--exp-name", "test_flow_noise_ppo", *tiny,
+        "--max-episode-steps", "10", "--num-envs", "1", "--num-eval-envs", "1",
+        "--exp-name", "test_flow_noise_ppo", *TINY,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step=0 (after SFT)" in result.stdout and "iter=1/1" in result.stdout, result.stdout[-2000:]
-    ckpt = saved_path(result)
+    run = ROOT / run_dir_of(result.stdout)
     try:
-        ev = run_script(
-            "flow_noise_ppo.py", "--checkpoint", str(ckpt), "--evaluate", "--eval-episodes", "2",
-            "--max-episode-steps", "20", "--num-eval-envs", "1",
-        )  # fmt: skip
-        assert ev.returncode == 0, ev.stderr[-3000:]
-        assert re.search(r"eval/success_once=\d\.\d{3}", ev.stdout), ev.stdout
-        with pytest.raises(SystemExit, match="^error: checkpoint has --action-horizon 8"):
-            fnp.main(fnp.Args(checkpoint=str(ckpt), action_horizon=6, evaluate=True))
+        banner = r"\| env PickCube-v1 \(physx_cpu, gymnasium\) \| device cpu \| demos \d+ transitions"
+        assert re.search(banner, result.stdout), result.stdout[:500]
+        progress = r"^step 20/20 \| \d+ steps/s \| ETA \d+m \| train episodes \(end at success\): return"
+        assert re.search(progress, result.stdout, re.M), result.stdout
+        assert "eval step 0: return=" in result.stdout and "eval step 20: return=" in result.stdout
+        assert f"checkpoint {run.relative_to(ROOT)}/sft.pt" in result.stdout
+        assert (run / "sft.pt").exists() and (run / "ckpt.pt").exists()
     finally:
-        shutil.rmtree(ckpt.parent, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_batched_path_on_cpu_trains_resumes_evaluates(pickcube_demos, tmp_path, monkeypatch, capsys):
+    """The GPU code path (ManiSkill's batched env in ManiSkillVectorEnv), run on physx_cpu with one env."""
+    monkeypatch.chdir(tmp_path)
+    batched = dict(env_id="PickCube-v1", sim_backend="physx_cpu", vector_env="maniskill", num_envs=1,
+                   num_eval_envs=1, max_episode_steps=20, eval_episodes=1, num_steps=4, num_minibatches=2,
+                   update_epochs=1, critic_warmup_iters=0, eval_freq=100)  # fmt: skip
+    fnp.main(fnp.Args(**batched, demo_path=str(pickcube_demos), num_demos=5, sft_steps=10,
+                      total_timesteps=200, exp_name="batched"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(physx_cpu, maniskill)" in out and "step 200/200" in out and "eval step 100:" in out, out
+    ckpt = tmp_path / run_dir_of(out) / "ckpt.pt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 200
+    fnp.main(fnp.Args(**batched, checkpoint=str(ckpt), total_timesteps=300, exp_name="resumed"))
+    out = capsys.readouterr().out
+    assert f"resumed {ckpt} at step 200" in out and "step 300/300" in out and "eval step 300:" in out, out
+    resumed = tmp_path / run_dir_of(out) / "ckpt.pt"
+    stats = fnp.main(fnp.Args(**batched | {"checkpoint": str(resumed), "evaluate": True, "eval_episodes": 2}))
+    saved = json.loads(resumed.with_suffix(".eval.json").read_text())
+    assert saved["step"] == 300 and saved["seed"] == 1 and saved["success_once"] == stats["success_once"]
+    assert 0 <= saved["success_once"] <= 1 and saved["episodes"] == 2
+
+
+def train_pendulum(**kwargs):
+    """An in-process run on Pendulum-v1 (fast to start); returns its TensorBoard scalars and run dir."""
+    flags = dict(env_id="Pendulum-v1", num_envs=1, num_eval_envs=1, num_steps=8, num_minibatches=2,
+                 update_epochs=2, critic_warmup_iters=1, max_episode_steps=18, eval_episodes=1, eval_freq=80,
+                 total_timesteps=160)  # fmt: skip
+    args = fnp.Args(**(flags | kwargs))
+    fnp.main(args)
+    run = next(p for p in Path("runs").iterdir() if f"__{args.exp_name}__" in p.name)
+    return read_scalars(run), run
+
+
+def test_same_seed_same_numbers_and_resume_equals_the_unbroken_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    unbroken, _ = train_pendulum(exp_name="a")
+    assert unbroken == train_pendulum(exp_name="b")[0]  # the same command twice
+    first_half, run = train_pendulum(exp_name="c", total_timesteps=80)  # killed after its checkpoint...
+    resumed, _ = train_pendulum(exp_name="d", checkpoint=str(run / "ckpt.pt"))  # ...and resumed
+    assert "losses/value_loss" in unbroken and "eval/return" in resumed
+    for tag, series in unbroken.items():
+        assert first_half[tag] == [(s, v) for s, v in series if s <= 80], tag
+        assert resumed[tag] == [(s, v) for s, v in series if s > 80], tag
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fnp, "value_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit) as e:
+        train_pendulum(exp_name="nan")
+    assert re.fullmatch(r"error: non-finite value loss at step 40; last good checkpoint: runs/\S+/ckpt.pt",
+                        str(e.value)), str(e.value)  # fmt: skip
+    ckpt = str(e.value).split()[-1]
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 0  # the broken state was not saved
 
 
 def test_resume_restores_weights_with_this_runs_learning_rates(tmp_path):
@@ -223,13 +330,13 @@ def test_transformer_backbone_offline_and_mujoco_smoke(tmp_path, monkeypatch):
 
     result = run_script(
         "flow_noise_ppo.py", "--env-id", "InvertedPendulum-v5", "--backbone", "transformer",
-        "--backbone-path", str(tmp_path / "tiny_llama"), "--total-timesteps", "40", "--num-steps", "4",
-        "--num-minibatches", "2", "--update-epochs", "1", "--critic-warmup", "0", "--eval-episodes", "2",
-        "--max-episode-steps", "20", "--save-model", "--exp-name", "test_flow_noise_ppo_tf",
+        "--backbone-path", str(tmp_path / "tiny_llama"), "--total-timesteps", "40", "--eval-episodes", "2",
+        "--max-episode-steps", "20", "--exp-name", "test_flow_noise_ppo_tf", *TINY,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "iter=1/1" in result.stdout and "eval/return=" in result.stdout, result.stdout[-2000:]
-    shutil.rmtree(saved_path(result).parent, ignore_errors=True)
+    run = ROOT / run_dir_of(result.stdout)
+    shutil.rmtree(run, ignore_errors=True)
+    assert "step 40/40" in result.stdout and "eval step 40: return=" in result.stdout, result.stdout[-2000:]
 
 
 def test_task_token_layout(tmp_path):
@@ -258,48 +365,80 @@ def test_multitask_smoke(tmp_path):
                 f[f"traj_{i}/actions"] = g.uniform(-1, 1, size=(20, 2)).astype(np.float32)
     result = run_script(
         "flow_noise_ppo.py", "--env-id", "Reacher-v5,Swimmer-v5", "--demo-path", ",".join(paths),
-        "--sft-steps", "10", "--total-timesteps", "40", "--num-steps", "4", "--num-minibatches", "2",
-        "--update-epochs", "1", "--critic-warmup", "0", "--eval-episodes", "2", "--max-episode-steps", "10",
-        "--save-model", "--exp-name", "test_flow_noise_ppo_mt",
+        "--sft-steps", "10", "--total-timesteps", "40", "--eval-episodes", "2", "--max-episode-steps", "10",
+        "--exp-name", "test_flow_noise_ppo_mt", *TINY,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "iter=1/1" in result.stdout, result.stdout[-2000:]
-    for task in ("Reacher-v5", "Swimmer-v5"):  # evaluated per task, then averaged
-        assert re.search(rf"eval/{task}/return=-?\d+\.\d{{3}}", result.stdout), result.stdout[-2000:]
-    ckpt = saved_path(result)
-    try:  # policy and critic see 10 (padded) obs dims + a 2-dim task token
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    run = ROOT / run_dir_of(result.stdout)
+    try:
+        assert "step 40/40" in result.stdout, result.stdout[-2000:]
+        for task in ("Reacher-v5", "Swimmer-v5"):  # evaluated per task, then averaged
+            assert re.search(rf"eval step 40: .*{task}/return=-?\d+\.\d{{3}}", result.stdout), result.stdout
+        # policy and critic see 10 (padded) obs dims + a 2-dim task token
+        state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
         assert state["policy"]["obs_mean"].shape == (12,) and state["critic"]["0.weight"].shape[1] == 12
     finally:
-        shutil.rmtree(ckpt.parent, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
 
 
-def test_bad_inputs_exit_with_one_line(pickcube_demos, tmp_path):
+def test_bad_inputs_exit_with_one_line(pickcube_demos, tmp_path, monkeypatch):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
+    torch.save({"script": "flow_sde_ppo", "agent": {}, "args": {}}, tmp_path / "other.pt")
+    torch.save({"policy": {}, "args": {}}, tmp_path / "unsigned.pt")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    (tmp_path / "cut.h5").write_bytes(pickcube_demos.read_bytes()[:5000])
+    with h5py.File(tmp_path / "no_actions.h5", "w") as f:
+        f["traj_0/obs"] = np.zeros((6, 42), np.float32)
     cases = [
-        ({"env_id": "NoSuchEnv-v0"}, "unknown env id"),
+        ({"env_id": "NoSuchEnv-v0"}, "unknown --env-id"),
         ({"demo_path": str(tmp_path / "none.h5")}, "not found"),
+        ({"demo_path": str(tmp_path / "text.h5")}, "cannot read demo file"),
+        ({"demo_path": str(tmp_path / "cut.h5")}, "cannot read demo file"),
+        ({"demo_path": str(tmp_path / "no_actions.h5")}, "no obs and actions"),
         ({"env_id": "PushCube-v1", "demo_path": str(pickcube_demos)}, "demos are for PickCube-v1"),
         ({"checkpoint": str(tmp_path / "x.pt")}, "not found"),
         ({"checkpoint": str(tmp_path / "junk.pt")}, "cannot read"),
+        ({"checkpoint": str(tmp_path / "other.pt")}, "not a flow_noise_ppo checkpoint"),
+        ({"checkpoint": str(tmp_path / "unsigned.pt")}, "not a flow_noise_ppo checkpoint"),
+        ({"denoising_steps": 0}, "--denoising-steps"),
+        ({"denoising_steps": -1}, "--denoising-steps"),
+        ({"num_envs": 0}, "--num-envs"),
+        ({"num_envs": -1}, "--num-envs"),
+        ({"gamma": 2.0}, "--gamma"),
+        ({"sigma_min": 0.5, "sigma_max": 0.1}, "--sigma-min"),
+        ({"total_timesteps": -100}, "--total-timesteps"),
+        ({"num_steps": 9, "num_envs": 1, "num_minibatches": 2}, "equal minibatches of >= 2"),
+        ({"num_steps": 1, "num_envs": 2, "num_minibatches": 2}, "equal minibatches of >= 2"),
         ({"num_action_chunks": 9}, "num-action-chunks"),
         ({"backbone_path": str(tmp_path)}, "config.json"),
         ({"evaluate": True}, "needs --checkpoint"),
+        ({"env_id": "Pendulum-v1", "vector_env": "maniskill"}, "--vector-env maniskill"),
+        ({"sim_backend": "physx_cpu", "vector_env": "maniskill"}, "--num-envs 1"),
         ({"env_id": "PickCube-v1,PushCube-v1", "num_envs": 1}, "--num-envs"),
         ({"env_id": "PickCube-v1,PushCube-v1", "demo_path": str(pickcube_demos)}, "2 comma-separated"),
         (
             {"env_id": "PushCube-v1,PickCube-v1", "demo_path": f"{pickcube_demos},{pickcube_demos}"},
             "demos are",
         ),
-        ({"env_id": "InvertedPendulum-v5,InvertedDoublePendulum-v5"}, "action spaces differ"),
     ]
-    for kwargs, needle in cases:  # in-process: every check runs before a model (or a ManiSkill env) is built
+    if not torch.cuda.is_available():
+        cases.append(({"sim_backend": "physx_cuda"}, "needs a CUDA GPU"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fnp, "VecEnv", None)  # every check above must come before an env is built
+    before = snapshot(tmp_path)
+    for kwargs, needle in cases:
         with pytest.raises(SystemExit) as e:
             fnp.main(fnp.Args(**kwargs))
-        assert str(e.value).startswith("error:") and "\n" not in str(e.value) and needle in str(e.value)
+        assert str(e.value).startswith("error:") and "\n" not in str(e.value) and needle in str(e.value), (
+            kwargs, str(e.value))  # fmt: skip
+    assert snapshot(tmp_path) == before  # no run directory, no file written or changed
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="action spaces differ"):
+        fnp.main(fnp.Args(env_id="InvertedPendulum-v5,InvertedDoublePendulum-v5"))
     with h5py.File(tmp_path / "bad.h5", "w") as f:  # state demos of another env: wrong shapes
         f["traj_0/obs"], f["traj_0/actions"] = np.zeros((6, 10), np.float32), np.zeros((5, 4), np.float32)
     with pytest.raises(SystemExit, match=r"^error: .*has obs \(6, 10\)"):
         fnp.load_demos(tmp_path / "bad.h5", fnp.Args(), obs_dim=42, act_dim=4)
-    # and through the CLI: one line on stderr, non-zero exit, no traceback
-    one_line_error(run_script("flow_noise_ppo.py", "--env-id", "NoSuchEnv-v0"), "unknown env id")
+    # and through the CLI: one line on stderr, exit code 1, no traceback, nothing written
+    assert_one_line_error(run_script("flow_noise_ppo.py", "--gamma", "2"), "--gamma")
+    assert_one_line_error(run_script("flow_noise_ppo.py", "--demo-path", str(tmp_path / "cut.h5")), "cut.h5")
