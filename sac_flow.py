@@ -42,7 +42,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -56,12 +56,12 @@ import tyro
 class Args:
     exp_name: str = "sac_flow"
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
+    seed: int | None = None
+    """1 for a new run; with --checkpoint, the checkpoint's seed"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled and a GPU exists, use it (ManiSkill then simulates on the GPU, physx_cuda)"""
+    """if toggled and a GPU exists, use it"""
     track: bool = False
     """if toggled, log to Weights and Biases"""
     wandb_project_name: str = "cleanflow"
@@ -69,11 +69,11 @@ class Args:
     capture_video: bool = False
     """if toggled, record videos of the evaluation episodes to videos/{run_name}"""
     save_model: bool = True
-    """if toggled, write runs/{run_name}/ckpt.pt at every evaluation and at the end"""
+    """if toggled, write runs/{run_name}/ckpt.pt (and buffer.pt) at every evaluation and at the end"""
     checkpoint: str | None = None
     """path of a ckpt.pt to resume training from (with the buffer.pt beside it) or to evaluate (--evaluate)"""
     evaluate: bool = False
-    """only evaluate --checkpoint, no training"""
+    """only evaluate --checkpoint (writes <checkpoint>.eval.json), no training"""
     save_demos: int = 0
     """with --checkpoint: write this many episodes of the noise-free policy to --demo-out"""
     demo_out: str = "demos/sac_flow_demos.npz"
@@ -82,17 +82,25 @@ class Args:
     # Environment
     env_id: str = "PickCube-v1"
     """gymnasium MuJoCo id (e.g. Hopper-v5) or ManiSkill3 id (PickCube-v1, PushCube-v1, StackCube-v1, ...)"""
-    num_envs: int | None = None
-    """parallel envs (default: 2 on CPU for ManiSkill, 512 on GPU, 1 for gymnasium envs)"""
     control_mode: str = "pd_ee_delta_pos"
     """ManiSkill controller"""
     max_episode_steps: int | None = None
     """episode length (default: the env's own; use 100 on PickCube with motion-planned demos)"""
+    num_envs: int | None = None
+    """parallel training envs (default: 512 on physx_cuda, 2 on physx_cpu, 1 for gymnasium ids)"""
+    num_eval_envs: int | None = None
+    """parallel evaluation envs (default: --eval-episodes on physx_cuda, else 1)"""
+    sim_backend: Literal["auto", "physx_cpu", "physx_cuda"] = "auto"
+    """auto: physx_cuda when --cuda and a GPU exist, else physx_cpu; ignored for gymnasium/MuJoCo ids"""
+    vector_env: Literal["auto", "gymnasium", "maniskill"] = "auto"
+    """gymnasium: one simulator per process in gymnasium's AsyncVectorEnv (CPU); maniskill: ManiSkill's
+    batched env in ManiSkillVectorEnv, the GPU path (on physx_cpu it needs --num-envs 1 and is how the tests
+    run the GPU code); auto: maniskill on physx_cuda, gymnasium otherwise"""
     total_timesteps: int = 200_000
     """total environment steps"""
     eval_freq: int = 5_000
-    """evaluate every this many environment steps"""
-    num_eval_episodes: int = 20
+    """evaluate (and checkpoint) every this many environment steps (all envs together)"""
+    eval_episodes: int = 20
     """episodes per evaluation"""
 
     # SAC
@@ -107,14 +115,14 @@ class Args:
     tau: float = 0.01
     """target network smoothing"""
     batch_size: int = 256
-    """minibatch size"""
+    """minibatch size (also of the flow-matching pretraining)"""
     learning_starts: int = 4_000
-    """random actions before this many env steps (skipped when resuming or with demos)"""
+    """random actions before this many env steps (none with demos)"""
     utd: float = 0.5
     """gradient updates per environment step"""
-    policy_lr: float = 3e-4
-    """actor learning rate"""
-    q_lr: float = 1e-3
+    learning_rate: float = 3e-4
+    """actor learning rate (also of the flow-matching pretraining)"""
+    critic_learning_rate: float = 1e-3
     """critic and α learning rate"""
     alpha_init: float = 1.0
     """initial entropy coefficient α (then tuned)"""
@@ -126,7 +134,7 @@ class Args:
     """velocity parameterisation: g = Flow-G (gated), t = Flow-T (decoder block), naive = plain MLP"""
     denoising_steps: int = 4
     """K, Euler steps of the flow"""
-    hidden: int = 256
+    hidden_dim: int = 256
     """width of the actor and critic MLPs"""
     transformer_dim: int = 64
     """token width of Flow-T"""
@@ -138,85 +146,10 @@ class Args:
     # Offline-to-online
     demo_path: str | None = None
     """ManiSkill demo .h5 (with its .json): pretrain with flow matching, then SAC with a BC term"""
-    pretrain_steps: int = 5_000
+    sft_steps: int = 5_000
     """flow-matching (actor) + TD (critic) updates on the demos before going online"""
     bc_coef: float = 1.0
     """β, weight of the BC regulariser during online SAC"""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Environments
-def is_maniskill(env_id: str) -> bool:
-    entry = getattr(gym.registry.get(env_id), "entry_point", "")
-    entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(mani_skill...make)
-    return "mani_skill" in (entry if isinstance(entry, str) else entry.__module__)
-
-
-def make_env(args: Args, evaluation: bool, run_name: str, video: bool = False):
-    maniskill = is_maniskill(args.env_id)  # decided here: a spawned worker has not imported mani_skill yet
-
-    def thunk():
-        if maniskill:
-            import mani_skill.envs  # noqa: F401  (registers the ids in a spawned worker)
-            from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-            kw = dict(obs_mode="state", sim_backend="physx_cpu", render_backend="cpu")
-            kw |= dict(enhanced_determinism=True)  # else unseeded resets use the worker's unseeded torch RNG
-            env = gym.make(
-                args.env_id,
-                control_mode=args.control_mode,
-                reward_mode="normalized_dense",
-                render_mode="rgb_array" if video else None,
-                **kw,
-                **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}),
-            )
-            if video:
-                from mani_skill.utils.wrappers import RecordEpisode
-
-                env = RecordEpisode(env, f"videos/{run_name}", save_trajectory=False)
-            # eval episodes run to the time limit (no reset on success), as ManiSkill's baselines
-            return CPUGymWrapper(env, ignore_terminations=evaluation)
-        env = gym.make(
-            args.env_id,
-            render_mode="rgb_array" if video else None,
-            **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}),
-        )
-        if video:
-            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
-        return env
-
-    return thunk
-
-
-def make_envs(args: Args, n: int, evaluation: bool, run_name: str, gpu: bool):
-    if gpu and is_maniskill(args.env_id):
-        import mani_skill.envs  # noqa: F401
-        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
-
-        env = gym.make(
-            args.env_id,
-            num_envs=n,
-            obs_mode="state",
-            sim_backend="physx_cuda",
-            control_mode=args.control_mode,
-            reward_mode="normalized_dense",
-            enhanced_determinism=True,
-            **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}),
-        )
-        return ManiSkillVectorEnv(env, n, ignore_terminations=evaluation, record_metrics=True)
-    thunks = [
-        make_env(args, evaluation, run_name, video=evaluation and args.capture_video and i == 0)
-        for i in range(n)
-    ]
-    mode = gym.vector.AutoresetMode.NEXT_STEP if evaluation else gym.vector.AutoresetMode.SAME_STEP
-    if is_maniskill(args.env_id) and n > 1:  # physx_cpu: one sim per process; fork hangs after SAPIEN init
-        return gym.vector.AsyncVectorEnv(thunks, context="spawn", autoreset_mode=mode)
-    return gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
-
-
-def np_(x) -> np.ndarray:
-    return x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: the math, as pure functions of tensors
@@ -382,52 +315,171 @@ class ReplayBuffer:
         return self.s[i], self.a[i], self.r[i], self.s2[i], self.d[i]
 
     def state_dict(self):
-        """The stored transitions, oldest first (pos is the oldest once the buffer has wrapped)."""
+        """The stored transitions, oldest first (pos is the oldest once the buffer has wrapped), and pos."""
         i = (torch.arange(self.size) + self.pos) % max(self.size, 1)
-        return {k: getattr(self, k)[i.to(self.device)].cpu() for k in ("s", "a", "r", "s2", "d")}
+        return {"pos": self.pos} | {k: getattr(self, k)[i.to(self.device)].cpu() for k in ("s", "a", "r", "s2", "d")}  # noqa: E501
 
     def load_state_dict(self, d):
         self.add(*(d[k][-self.capacity :] for k in ("s", "a", "r", "s2", "d")))
+        if self.size == self.capacity == len(d["r"]):  # full and as large as saved: the same slots as saved
+            for k in "s a r s2 d".split():
+                setattr(self, k, torch.roll(getattr(self, k), d["pos"], 0))
+            self.pos = d["pos"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Demos, checkpoints, evaluation
-def load_demos(path: str, env_id: str, control_mode: str, obs_dim: int, act_dim: int):
-    """ManiSkill trajectory h5 + json sidecar -> (s, a, r, s', d) arrays; checks they fit the env."""
+# Plumbing: validation, environments, demos, evaluation, checkpoints
+def fail(msg: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 1, not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def is_maniskill(env_id: str) -> bool:
+    """True for a ManiSkill3 id, False for a gymnasium one; fail() for an id neither knows."""
+    if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
+        import mani_skill.envs  # noqa: F401
+    if env_id not in gym.registry:
+        fail(f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)")  # noqa: E501
+    entry = gym.registry[env_id].entry_point
+    entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
+    return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
+
+
+def validate(args: Args) -> bool:
+    """Every flag check, before anything slow; resolves in args the defaults that depend on the env and the
+    GPU. Returns whether env_id is a ManiSkill one."""
+    checks = [
+        (args.num_envs is None or args.num_envs >= 1, "--num-envs must be >= 1"),
+        (args.num_eval_envs is None or args.num_eval_envs >= 1, "--num-eval-envs must be >= 1"),
+        (args.denoising_steps >= 1, "--denoising-steps must be >= 1"),
+        (args.total_timesteps >= 0 and args.sft_steps >= 0, "--total-timesteps and --sft-steps must be >= 0"),
+        (args.gamma is None or 0 < args.gamma <= 1, "need 0 < --gamma <= 1"),
+        (0 <= args.tau <= 1, "need 0 <= --tau <= 1"),
+        (min(args.utd, args.bc_coef) >= 0, "--utd and --bc-coef must be >= 0"),
+        (args.log_sigma_min <= args.log_sigma_max, "need --log-sigma-min <= --log-sigma-max"),
+        (min(args.batch_size, args.buffer_size, args.hidden_dim, args.transformer_dim) >= 1,
+         "--batch-size, --buffer-size, --hidden-dim and --transformer-dim must be >= 1"),
+        (args.velocity != "t" or args.transformer_dim % 4 == 0, "--transformer-dim must be a multiple of 4"),
+        (args.eval_freq >= 1 and args.eval_episodes >= 1, "--eval-freq and --eval-episodes must be >= 1"),
+        (args.checkpoint is not None or not (args.evaluate or args.save_demos),
+         "--evaluate and --save-demos need --checkpoint PATH (a trained policy)"),
+        (args.save_demos >= 0, "--save-demos must be >= 0"),
+    ]  # fmt: skip
+    for ok, msg in checks:
+        if not ok:
+            fail(msg)
+    maniskill = is_maniskill(args.env_id)
+    gpu = args.cuda and torch.cuda.is_available()
+    if args.sim_backend == "physx_cuda" and not gpu:
+        fail("--sim-backend physx_cuda needs a CUDA GPU (and --cuda); pass --sim-backend physx_cpu")
+    if args.sim_backend == "auto":
+        args.sim_backend = "physx_cuda" if gpu and maniskill else "physx_cpu"
+    if args.vector_env == "auto":
+        args.vector_env = "maniskill" if args.sim_backend == "physx_cuda" else "gymnasium"
+    batched = args.vector_env == "maniskill"
+    if batched and not maniskill:
+        fail(f"--vector-env maniskill needs a ManiSkill --env-id, not {args.env_id}")
+    if args.sim_backend == "physx_cuda" and not batched:
+        fail("--sim-backend physx_cuda runs in ManiSkill's batched env: pass --vector-env maniskill")
+    on_gpu = args.sim_backend == "physx_cuda" and maniskill
+    args.num_envs = args.num_envs or (512 if on_gpu else 1 if batched or not maniskill else 2)
+    args.num_eval_envs = args.num_eval_envs or (args.eval_episodes if on_gpu else 1)
+    if batched and args.sim_backend == "physx_cpu" and max(args.num_envs, args.num_eval_envs) > 1:
+        fail("--vector-env maniskill on physx_cpu simulates one env: pass --num-envs 1 --num-eval-envs 1")
+    args.gamma = args.gamma if args.gamma is not None else (0.8 if maniskill else 0.99)
+    args.bootstrap_at_done = maniskill if args.bootstrap_at_done is None else args.bootstrap_at_done
+    return maniskill
+
+
+def make_maniskill(args: Args, num_envs: int, video_dir: str | None = None):
+    """The one ManiSkill gym.make: one env of a CPU worker, or num_envs in one batch (--vector-env maniskill)."""  # noqa: E501
+    import mani_skill.envs  # noqa: F401  (registers the ids, in a spawned worker too)
+
+    kw = dict(max_episode_steps=args.max_episode_steps) if args.max_episode_steps else {}
+    kw |= dict(render_backend="cpu") if args.sim_backend == "physx_cpu" else {}
+    env = gym.make(
+        args.env_id, num_envs=num_envs, obs_mode="state", control_mode=args.control_mode,
+        reward_mode="normalized_dense", sim_backend=args.sim_backend,
+        render_mode="rgb_array" if video_dir else None,
+        enhanced_determinism=True,  # else unseeded resets use the process's unseeded torch RNG
+        **kw,
+    )  # fmt: skip
+    if video_dir:
+        from mani_skill.utils.wrappers import RecordEpisode
+
+        env = RecordEpisode(env, video_dir, save_trajectory=False)
+    return env
+
+
+def make_envs(args: Args, n: int, evaluation: bool, video_dir: str | None = None):
+    """n envs; training envs autoreset in the step that ends an episode (its last obs in info), evaluation
+    envs run to the time limit (no reset at success, as ManiSkill's baselines); video_dir records the 1st."""
+    if args.vector_env == "maniskill":
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+        return ManiSkillVectorEnv(make_maniskill(args, n, video_dir), n, ignore_terminations=evaluation)
+    maniskill = is_maniskill(args.env_id)  # decided here: a spawned worker has not imported mani_skill yet
+
+    def thunk(video_dir):
+        if maniskill:
+            from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+            return CPUGymWrapper(make_maniskill(args, 1, video_dir), ignore_terminations=evaluation)
+        kw = dict(max_episode_steps=args.max_episode_steps) if args.max_episode_steps else {}
+        env = gym.make(args.env_id, render_mode="rgb_array" if video_dir else None, **kw)
+        return gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
+
+    thunks = [lambda i=i: thunk(video_dir if i == 0 else None) for i in range(n)]
+    mode = gym.vector.AutoresetMode.NEXT_STEP if evaluation else gym.vector.AutoresetMode.SAME_STEP
+    if maniskill and n > 1:  # physx_cpu: one sim per process; fork hangs after SAPIEN init
+        return gym.vector.AsyncVectorEnv(thunks, context="spawn", autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
+
+
+def np_(x) -> np.ndarray:
+    return x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def is_batched(envs) -> bool:
+    """ManiSkillVectorEnv takes and returns torch tensors; gymnasium's vector envs numpy arrays."""
+    return envs.__class__.__name__ == "ManiSkillVectorEnv"
+
+
+def load_demos(path: str, env_id: str, control_mode: str) -> dict[str, np.ndarray]:
+    """ManiSkill trajectory h5 + json sidecar -> (s, a, r, s', d) arrays; checks the file, not yet the env."""
     import h5py
 
     sidecar = os.path.splitext(path)[0] + ".json"
     if not os.path.exists(path) or not os.path.exists(sidecar):
-        raise SystemExit(
-            f"error: demo file {path} or its sidecar {sidecar} not found; make demos with make_demos.sh"
-        )
-    info = json.load(open(sidecar))["env_info"]
-    if info["env_id"] != env_id or info["env_kwargs"].get("control_mode") != control_mode:
-        raise SystemExit(
-            f"error: demos are for {info['env_id']} / {info['env_kwargs'].get('control_mode')}, "
-            f"not {env_id} / {control_mode}; pass matching --env-id and --control-mode"
-        )
+        fail(f"--demo-path {path} or its sidecar {sidecar} not found; make demos with make_demos.sh")
+    try:
+        info = json.load(open(sidecar))["env_info"]
+        made_for = (info["env_id"], info["env_kwargs"].get("control_mode"))
+    except (ValueError, KeyError, TypeError):
+        fail(f"{sidecar} is not a ManiSkill trajectory sidecar (no env_info); make demos with make_demos.sh")
+    if made_for != (env_id, control_mode):
+        fail(f"demos are for {made_for[0]} / {made_for[1]}, not {env_id} / {control_mode}; "
+             "pass matching --env-id and --control-mode")  # fmt: skip
     out = {k: [] for k in ("s", "a", "r", "s2", "d")}
-    with h5py.File(path, "r") as f:
-        for name in f:
-            tr = f[name]
-            obs, act = np.asarray(tr["obs"]), np.asarray(tr["actions"])
-            if (
-                obs.ndim != 2
-                or act.ndim != 2
-                or obs.shape[1] != obs_dim
-                or act.shape[1] != act_dim
-                or len(obs) != len(act) + 1
-            ):
-                raise SystemExit(
-                    f"error: {path}/{name} has obs {obs.shape} and actions {act.shape}, but the "
-                    f"env needs obs (L+1, {obs_dim}) and actions (L, {act_dim}); use state demos"
-                )
-            out["s"].append(obs[:-1]), out["s2"].append(obs[1:]), out["a"].append(act)
-            (
-                out["r"].append(np.asarray(tr["rewards"])),
-                out["d"].append(np.asarray(tr["terminated"], np.float32)),
-            )
+    try:
+        with h5py.File(path, "r") as f:
+            for name in f:
+                obs, act = np.asarray(f[name]["obs"]), np.asarray(f[name]["actions"])
+                if obs.ndim != 2 or act.ndim != 2 or len(obs) != len(act) + 1:
+                    fail(f"{path}/{name} has obs {obs.shape} and actions {act.shape}; need (L+1, n) and "
+                         "(L, m): use state demos")  # fmt: skip
+                out["s"].append(obs[:-1])
+                out["s2"].append(obs[1:])
+                out["a"].append(act)
+                out["r"].append(np.asarray(f[name]["rewards"]))
+                out["d"].append(np.asarray(f[name]["terminated"], np.float32))
+    except KeyError as e:
+        fail(f"--demo-path {path}: a trajectory lacks obs, actions, rewards or terminated ({e}); "
+             "use make_demos.sh")  # fmt: skip
+    except OSError as e:
+        fail(f"--demo-path {path} is not a readable h5 file ({str(e).splitlines()[0]})")
+    if len({(o.shape[1], a.shape[1]) for o, a in zip(out["s"], out["a"], strict=True)}) != 1:
+        fail(f"--demo-path {path} holds no trajectories, or trajectories of different shapes")
     return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 
@@ -436,34 +488,54 @@ def atomic_save(obj, path):
     os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken file
 
 
-def save_checkpoint(path, step, policy, qf, qf_target, log_alpha, opts, args):
-    state = dict(
-        step=step,
-        args=asdict(args),
-        policy=policy.state_dict(),
-        qf=qf.state_dict(),
-        qf_target=qf_target.state_dict(),
-        log_alpha=log_alpha.detach().cpu(),
-        opts={k: o.state_dict() for k, o in opts.items()},
-    )
-    atomic_save(state, path)
+def rng_state(act_space) -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return dict(torch=torch.get_rng_state(), cuda=cuda, numpy=np.random.get_state(), python=random.getstate(),
+                action_space=act_space.np_random.bit_generator.state)  # fmt: skip
 
 
-def load_checkpoint(path, args: Args):
-    if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path} not found")
+def set_rng_state(state: dict, act_space):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    act_space.np_random.bit_generator.state = state["action_space"]
+
+
+def load_checkpoint(args: Args) -> dict:
+    """The checkpoint of --checkpoint, checked to come from this script with this network."""
+    path = args.checkpoint
+    if not os.path.isfile(path):
+        fail(f"--checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = ckpt["args"]
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a sac_flow.py checkpoint ({type(e).__name__})") from None
-    for key in ("env_id", "velocity", "denoising_steps", "hidden", "transformer_dim", "control_mode"):
-        if saved.get(key) != getattr(args, key):
-            raise SystemExit(
-                f"error: checkpoint {path} has {key}={saved.get(key)!r} but this run has "
-                f"{getattr(args, key)!r}; pass --{key.replace('_', '-')} {saved.get(key)}"
-            )
+        fail(f"--checkpoint {path} is not a torch file ({type(e).__name__})")
+    script = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if script != "sac_flow":
+        fail(f"--checkpoint {path} was not written by this sac_flow.py ({f'by {script}.py' if script else 'no script key: another script or an older version'}); retrain")  # noqa: E501
+    keys = "env_id control_mode velocity denoising_steps hidden_dim transformer_dim log_sigma_min log_sigma_max"  # noqa: E501
+    keys = keys.split() + ([] if args.evaluate or args.save_demos else ["demo_path"])
+    for key in keys:
+        if ckpt["args"][key] != getattr(args, key):
+            fail(f"checkpoint {path} has {key}={ckpt['args'][key]!r} but this run has "
+                 f"{getattr(args, key)!r}; pass --{key.replace('_', '-')} {ckpt['args'][key]}")  # fmt: skip
     return ckpt
+
+
+def load_buffer(args: Args, ckpt: dict) -> dict | None:
+    """The replay buffer saved beside a checkpoint (None at step 0: it then holds the demos only)."""
+    if ckpt["global_step"] == 0:
+        return None
+    path = os.path.join(os.path.dirname(args.checkpoint), "buffer.pt")
+    try:
+        buffer = torch.load(path, map_location="cpu")
+    except Exception as e:
+        fail(f"resuming needs the replay buffer {path} beside --checkpoint: unreadable ({type(e).__name__})")
+    if len(buffer["r"]) != ckpt["buffer_transitions"]:
+        fail(f"{path} holds {len(buffer['r'])} transitions, the checkpoint {ckpt['buffer_transitions']}")
+    return buffer
 
 
 @torch.no_grad()
@@ -479,12 +551,11 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
         while not done.all():
             a, _ = policy(torch.as_tensor(np_(obs), dtype=torch.float32, device=device), deterministic=True)
             if episodes is not None:
-                o_np, a_np = np_(obs), np_(a)
                 for i in np.flatnonzero(~done):
-                    steps[i][0].append(o_np[i]), steps[i][1].append(a_np[i])
-            obs, r, term, trunc, info = envs.step(
-                a if envs.__class__.__name__ == "ManiSkillVectorEnv" else np_(a)
-            )
+                    steps[i][0].append(np_(obs)[i])
+                    steps[i][1].append(np_(a)[i])
+            obs, r, term, trunc, info = envs.step(a if is_batched(envs) else np_(a))
+            info = info.get("final_info", info)  # ManiSkillVectorEnv: info of the reset that followed the end
             ret += np_(r) * ~done
             if "success" in info:
                 s = np_(info["success"]).astype(bool)
@@ -499,88 +570,89 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
     return np.mean(returns[:n_episodes]), np.mean(once[:n_episodes]), np.mean(at_end[:n_episodes])
 
 
+def descend(opt, loss):
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def check_finite(losses: dict, step, ckpt_path: str):
+    """NaN guard: stop before a broken state is written; the last checkpoint stays the good one."""
+    for name, value in losses.items():
+        if not torch.isfinite(value):
+            last = ckpt_path if os.path.exists(ckpt_path) else "none yet"
+            fail(f"non-finite {name} at step {step}; last good checkpoint: {last}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args):
     t_launch = time.time()
-    if args.env_id not in gym.registry:
-        import mani_skill.envs  # noqa: F401  (registers ManiSkill ids)
-    if args.env_id not in gym.registry:
-        raise SystemExit(
-            f"error: unknown env id {args.env_id!r}; try Hopper-v5 (gymnasium) or PickCube-v1 (ManiSkill)"
-        )
-    maniskill = is_maniskill(args.env_id)
-    gpu = args.cuda and torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
-    num_envs = args.num_envs or (512 if gpu and maniskill else 2 if maniskill else 1)
-    gamma = args.gamma if args.gamma is not None else (0.8 if maniskill else 0.99)
-    bootstrap_at_done = maniskill if args.bootstrap_at_done is None else args.bootstrap_at_done
-    stop = 0.0 if bootstrap_at_done else 1.0  # d is multiplied by this in the TD targets
-    ckpt = load_checkpoint(args.checkpoint, args) if args.checkpoint else None
+    maniskill = validate(args)
+    ckpt = load_checkpoint(args) if args.checkpoint else None
+    if args.seed is None:
+        args.seed = ckpt["args"]["seed"] if ckpt else 1
+    training = not (args.evaluate or args.save_demos)
+    saved_buffer = load_buffer(args, ckpt) if training and ckpt else None
+    demos = None
+    if training and args.demo_path:
+        demos = load_demos(args.demo_path, args.env_id, args.control_mode)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if training:
+        backend = f"{args.sim_backend}, {args.vector_env}" if maniskill else "gymnasium"
+        n_demo = 0 if demos is None else len(demos["s"])
+        print(f"run runs/{run_name} | env {args.env_id} ({backend}) | device {device}"
+              + (f" | demos {n_demo} transitions" if demos else ""), flush=True)  # fmt: skip
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    eval_envs = make_envs(args, args.num_eval_episodes if gpu and maniskill else 1, True, run_name, gpu)
+    video_dir = f"videos/{run_name}" if args.capture_video else None
+    eval_envs = make_envs(args, args.num_eval_envs, True, video_dir)
     act_space, obs_space = eval_envs.single_action_space, eval_envs.single_observation_space
     if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise SystemExit(
-            f"error: {args.env_id} has {act_space} actions and {obs_space.shape} observations; "
-            "sac_flow.py needs Box actions and flat state observations"
-        )
+        fail(f"{args.env_id} has {act_space} actions and {obs_space.shape} observations; "
+             "sac_flow.py needs Box actions and flat state observations")  # fmt: skip
+    act_space.seed(args.seed)  # the warm-up's random actions
     obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
+    if demos is not None and (demos["s"].shape[1], demos["a"].shape[1]) != (obs_dim, act_dim):
+        fail(f"--demo-path {args.demo_path} has obs of dim {demos['s'].shape[1]} and actions of dim "
+             f"{demos['a'].shape[1]}; {args.env_id} needs {obs_dim} and {act_dim}")  # fmt: skip
     lo, hi = np.asarray(act_space.low, np.float32), np.asarray(act_space.high, np.float32)
-    demos = (
-        load_demos(args.demo_path, args.env_id, args.control_mode, obs_dim, act_dim)
-        if args.demo_path
-        else None
-    )
-
-    policy = FlowPolicy(
-        obs_dim,
-        act_dim,
-        args.velocity,
-        args.denoising_steps,
-        args.hidden,
-        args.transformer_dim,
-        (hi - lo) / 2,
-        (hi + lo) / 2,
-        args.log_sigma_min,
-        args.log_sigma_max,
-    ).to(device)
-    qf = SoftQ(obs_dim, act_dim, args.hidden).to(device)
-    qf_target = SoftQ(obs_dim, act_dim, args.hidden).to(device)
+    policy = FlowPolicy(obs_dim, act_dim, args.velocity, args.denoising_steps, args.hidden_dim,
+                        args.transformer_dim, (hi - lo) / 2, (hi + lo) / 2, args.log_sigma_min,
+                        args.log_sigma_max).to(device)  # fmt: skip
+    qf = SoftQ(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf_target = SoftQ(obs_dim, act_dim, args.hidden_dim).to(device)
     qf_target.load_state_dict(qf.state_dict())
     log_alpha = torch.tensor(np.log(args.alpha_init), device=device, requires_grad=True)
     target_entropy = args.target_entropy if args.target_entropy is not None else -float(act_dim)
     opts = {
-        "actor": torch.optim.Adam(policy.parameters(), lr=args.policy_lr),
-        "q": torch.optim.Adam(qf.parameters(), lr=args.q_lr),
-        "alpha": torch.optim.Adam([log_alpha], lr=args.q_lr),
+        "actor": torch.optim.Adam(policy.parameters(), lr=args.learning_rate),
+        "q": torch.optim.Adam(qf.parameters(), lr=args.critic_learning_rate),
+        "alpha": torch.optim.Adam([log_alpha], lr=args.critic_learning_rate),
     }
-    start_step = 0
     if ckpt is not None:
-        (
-            policy.load_state_dict(ckpt["policy"]),
-            qf.load_state_dict(ckpt["qf"]),
-            qf_target.load_state_dict(ckpt["qf_target"]),
-        )
+        policy.load_state_dict(ckpt["policy"])
+        qf.load_state_dict(ckpt["qf"])
+        qf_target.load_state_dict(ckpt["qf_target"])
         log_alpha.data.copy_(ckpt["log_alpha"])
         for k, o in opts.items():
             o.load_state_dict(ckpt["opts"][k])
-        start_step = ckpt["step"]
 
     if args.evaluate:
-        if ckpt is None:
-            raise SystemExit("error: --evaluate needs --checkpoint PATH")
-        ret, once, end = evaluate(policy, eval_envs, args.num_eval_episodes, device, args.seed + 10_000)
-        print(
-            f"eval {args.checkpoint} (step {start_step}): return {ret:.3f} "
-            f"success_once {once:.3f} success_at_end {end:.3f}"
-        )
+        ret, once, end = evaluate(policy, eval_envs, args.eval_episodes, device, args.seed + 10_000)
+        result = dict(checkpoint=args.checkpoint, global_step=ckpt["global_step"], seed=args.seed,
+                      eval_episodes=args.eval_episodes, success_once=once, success_at_end=end)  # fmt: skip
+        result["return"] = ret
+        out = os.path.splitext(args.checkpoint)[0] + ".eval.json"
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"eval step {ckpt['global_step']}: return {ret:.3f} success_once {once:.3f} success_at_end "
+              f"{end:.3f} ({args.eval_episodes} episodes, seed {args.seed}; {out})")  # fmt: skip
         return
     if args.save_demos:
-        if ckpt is None:
-            raise SystemExit("error: --save-demos needs --checkpoint PATH (a trained policy to roll out)")
         eps = []
         evaluate(policy, eval_envs, args.save_demos, device, args.seed + 20_000, episodes=eps)
         os.makedirs(os.path.dirname(os.path.abspath(args.demo_out)), exist_ok=True)
@@ -605,26 +677,42 @@ def main(args: Args):
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
     ckpt_path, csv_path, buffer_path = (f"runs/{run_name}/{f}" for f in ("ckpt.pt", "eval.csv", "buffer.pt"))
-    n_demo = 0 if demos is None else len(demos["s"])
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps + n_demo), obs_dim, act_dim, device)
     demo_t = None if demos is None else {k: torch.as_tensor(v, device=device) for k, v in demos.items()}
-    old_buffer = os.path.join(os.path.dirname(args.checkpoint or ""), "buffer.pt")
-    if ckpt is not None and os.path.exists(old_buffer):  # the demos, if any, are in it already
-        rb.load_state_dict(torch.load(old_buffer))
-        print(f"resumed {rb.size} transitions from {old_buffer}", flush=True)
-    else:
-        if ckpt is not None:
-            print(f"no {old_buffer}: the replay buffer starts empty", flush=True)
-        if demos is not None:
-            rb.add(demos["s"], demos["a"], demos["r"], demos["s2"], demos["d"])
+    if saved_buffer is not None:  # the demos, if any, are in it already
+        rb.load_state_dict(saved_buffer)
+    elif demos is not None:
+        rb.add(demos["s"], demos["a"], demos["r"], demos["s2"], demos["d"])
+    stop = 0.0 if args.bootstrap_at_done else 1.0  # d is multiplied by this in the TD targets
+    step = ckpt["global_step"] if ckpt else 0
+    next_eval = ckpt["next_eval"] if ckpt else 0
+    pending = ckpt["pending"] if ckpt else 0.0  # fractional gradient updates owed (--utd)
+    recent = ckpt["recent"] if ckpt else []  # (return, success) of the last 20 training episodes
+
+    def save(path):
+        """Everything a resume needs; the buffer goes first, so a ckpt.pt never outlives its buffer.pt."""
+        if path == ckpt_path:
+            atomic_save(rb.state_dict(), buffer_path)
+        atomic_save(dict(
+            script="sac_flow", args=asdict(args), global_step=step, next_eval=next_eval, pending=pending,
+            recent=recent, buffer_transitions=rb.size, policy=policy.state_dict(), qf=qf.state_dict(),
+            qf_target=qf_target.state_dict(), log_alpha=log_alpha.detach().cpu(),
+            opts={k: o.state_dict() for k, o in opts.items()}, rng=rng_state(act_space),
+        ), path)  # fmt: skip
+        print(f"checkpoint {path}", flush=True)
+
+    def target_update():
+        with torch.no_grad():
+            for p, p_t in zip(qf.parameters(), qf_target.parameters(), strict=True):
+                p_t.lerp_(p, args.tau)
 
     def sac_update(s, a, r, s2, d, bc_batch=None):
         alpha = log_alpha.exp().detach()
         with torch.no_grad():
             a2, logp2 = policy(s2)
-            y = soft_q_target(r, stop * d, gamma, *qf_target(s2, a2), logp2, alpha)
+            y = soft_q_target(r, stop * d, args.gamma, *qf_target(s2, a2), logp2, alpha)
         q_loss = critic_loss(*qf(s, a), y)
-        opts["q"].zero_grad(), q_loss.backward(), opts["q"].step()
+        descend(opts["q"], q_loss)
         qf.requires_grad_(False)  # the actor loss needs dQ/da, not dQ/dθ_Q
         n = len(s)  # one rollout for the SAC states and the demo states of the BC term
         a_pi, logp = policy(s if bc_batch is None else torch.cat([s, bc_batch[0]]))
@@ -632,99 +720,85 @@ def main(args: Args):
         pi_loss = actor_loss(logp, *qf(s, a_pi), alpha)
         if bc_batch is not None:
             pi_loss = pi_loss + args.bc_coef * ((a_bc - bc_batch[1]) ** 2).sum(-1).mean()
-        opts["actor"].zero_grad(), pi_loss.backward(), opts["actor"].step()
+        descend(opts["actor"], pi_loss)
         qf.requires_grad_(True)
         a_loss = alpha_loss(log_alpha, logp, target_entropy)
-        opts["alpha"].zero_grad(), a_loss.backward(), opts["alpha"].step()
-        with torch.no_grad():
-            for p, p_t in zip(qf.parameters(), qf_target.parameters(), strict=True):
-                p_t.lerp_(p, args.tau)
-        return {
-            "qf_loss": q_loss,
-            "actor_loss": pi_loss,
-            "alpha_loss": a_loss,
-            "alpha": alpha,
-            "log_pi": logp.mean(),
-        }
+        descend(opts["alpha"], a_loss)
+        target_update()
+        return dict(qf_loss=q_loss, actor_loss=pi_loss, alpha_loss=a_loss, alpha=alpha, log_pi=logp.mean())
 
     if demo_t is not None and ckpt is None:  # offline phase: flow matching for the actor, TD for the critic
-        for i in range(args.pretrain_steps):
+        for i in range(args.sft_steps):
             idx = torch.randint(0, n_demo, (args.batch_size,), device=device)
             s, a, r, s2, d = (demo_t[k][idx] for k in ("s", "a", "r", "s2", "d"))
             fm = flow_matching_loss(policy, s, a, torch.randn_like(a), torch.rand(len(a), 1, device=device))
-            opts["actor"].zero_grad(), fm.backward(), opts["actor"].step()
+            descend(opts["actor"], fm)
             with torch.no_grad():
                 a2, _ = policy(s2, deterministic=True)
-                y = soft_q_target(r, stop * d, gamma, *qf_target(s2, a2), torch.zeros_like(r), 0.0)
+                y = soft_q_target(r, stop * d, args.gamma, *qf_target(s2, a2), torch.zeros_like(r), 0.0)
             q_loss = critic_loss(*qf(s, a), y)
-            opts["q"].zero_grad(), q_loss.backward(), opts["q"].step()
-            with torch.no_grad():
-                for p, p_t in zip(qf.parameters(), qf_target.parameters(), strict=True):
-                    p_t.lerp_(p, args.tau)
-            if i % 1000 == 0 or i == args.pretrain_steps - 1:
-                print(
-                    f"pretrain {i}: flow-matching loss {fm.item():.4f}, qf_loss {q_loss.item():.4f}",
-                    flush=True,
-                )
+            descend(opts["q"], q_loss)
+            target_update()
+            check_finite({"fm_loss": fm, "qf_loss": q_loss}, f"0 (sft update {i})", ckpt_path)
+            if i % 1000 == 0 or i == args.sft_steps - 1:
+                print(f"sft {i + 1}/{args.sft_steps}: flow-matching loss {fm.item():.4f}, "
+                      f"qf_loss {q_loss.item():.4f}", flush=True)  # fmt: skip
                 writer.add_scalar("losses/fm_loss", fm.item(), i)
+        if args.save_model:
+            save(f"runs/{run_name}/sft.pt")
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"], act_space)
+        print(f"resumed {args.checkpoint} at step {step} ({rb.size} transitions in the buffer)", flush=True)
 
-    envs = make_envs(args, num_envs, False, run_name, gpu)
-    torch_envs = envs.__class__.__name__ == "ManiSkillVectorEnv"
-    obs, _ = envs.reset(seed=args.seed)
-    ep_ret, recent, t0, step, pending, last_print = np.zeros(num_envs), [], time.time(), start_step, 0.0, 0
-    random_phase = ckpt is None and demo_t is None
+    envs = make_envs(args, args.num_envs, False)
+    obs, _ = envs.reset(seed=args.seed + step)
+    ep_ret, t_last, step_last, logs = np.zeros(args.num_envs), time.time(), step, None
     with open(csv_path, "a") as f:
         f.write("step,wall_s,return,success_once,success_at_end\n")
+    while True:
+        final = step >= args.total_timesteps
+        if step >= next_eval or final:
+            next_eval = (step // args.eval_freq + 1) * args.eval_freq
+            ret, once, end = evaluate(policy, eval_envs, args.eval_episodes, device, args.seed + 10_000)
+            writer.add_scalar("eval/return", ret, step)
+            if maniskill:
+                writer.add_scalar("eval/success_once", once, step)
+                writer.add_scalar("eval/success_at_end", end, step)
+            with open(csv_path, "a") as f:  # wall time from the start of the process (incl. pretraining)
+                f.write(f"{step},{time.time() - t_launch:.1f},{ret:.4f},{once:.4f},{end:.4f}\n")
+            print(f"eval step {step}: return {ret:.3f} success_once {once:.3f} success_at_end {end:.3f}",
+                  flush=True)  # fmt: skip
+            if args.save_model:
+                save(ckpt_path)
+            if final:
+                break
+            obs, _ = envs.reset(seed=args.seed + step)  # a run resumed from here starts with this same reset
+            ep_ret[:] = 0.0
 
-    def eval_and_save(step):
-        ret, once, end = evaluate(policy, eval_envs, args.num_eval_episodes, device, args.seed + 10_000)
-        writer.add_scalar("eval/return", ret, step)
-        if maniskill:
-            (
-                writer.add_scalar("eval/success_once", once, step),
-                writer.add_scalar("eval/success_at_end", end, step),
-            )
-        with open(csv_path, "a") as f:  # wall time counts from the start of the process (incl. pretraining)
-            f.write(f"{step},{time.time() - t_launch:.1f},{ret:.4f},{once:.4f},{end:.4f}\n")
-        print(
-            f"eval step {step}: return {ret:.3f} success_once {once:.3f} success_at_end {end:.3f}", flush=True
-        )
-        if args.save_model:
-            save_checkpoint(ckpt_path, step, policy, qf, qf_target, log_alpha, opts, args)
-            atomic_save(rb.state_dict(), buffer_path)
-            print(f"checkpoint {ckpt_path}", flush=True)
-
-    next_eval = start_step
-    while step < args.total_timesteps:
-        if step >= next_eval:
-            eval_and_save(step)
-            next_eval += args.eval_freq
         s_t = torch.as_tensor(np_(obs), dtype=torch.float32, device=device)
-        if random_phase and step < args.learning_starts:
-            a_t = torch.as_tensor(np.stack([act_space.sample() for _ in range(num_envs)]), device=device)
+        if demos is None and step < args.learning_starts:
+            a_t = torch.as_tensor(np.stack([act_space.sample() for _ in range(args.num_envs)]), device=device)
         else:
             with torch.no_grad():
                 a_t = policy(s_t)[0]
-        next_obs, r, term, trunc, info = envs.step(a_t if torch_envs else np_(a_t))
+        next_obs, r, term, trunc, info = envs.step(a_t if is_batched(envs) else np_(a_t))
         r, term, trunc = np_(r).astype(np.float64), np_(term).astype(bool), np_(trunc).astype(bool)
         real_next = np_(next_obs).copy()
-        mask = np_(info.get("_final_obs", info.get("_final_observation", np.zeros(num_envs, bool)))).astype(
-            bool
-        )
-        if mask.any():
-            final = info.get("final_obs", info.get("final_observation"))
-            real_next[mask] = np.stack([np_(final[i]) for i in np.flatnonzero(mask)])
+        ended = np_(info.get("_final_obs", info.get("_final_observation", np.zeros(args.num_envs, bool))))
+        if ended.any():
+            final_obs = info.get("final_obs", info.get("final_observation"))
+            real_next[ended.astype(bool)] = np.stack([np_(final_obs[i]) for i in np.flatnonzero(ended)])
         rb.add(s_t, a_t, r, real_next, term)  # truncation is not a terminal: bootstrap through the time limit
         ep_ret += r
+        success = info.get("final_info", {}).get("success")
         for i in np.flatnonzero(term | trunc):
-            succ = info.get("final_info", {}).get("success")
-            recent.append((ep_ret[i], float(np_(succ)[i]) if succ is not None else np.nan))
+            recent = (recent + [(ep_ret[i], np.nan if success is None else float(np_(success)[i]))])[-20:]
             writer.add_scalar("charts/episodic_return", ep_ret[i], step)
             ep_ret[i] = 0.0
-        obs, step = next_obs, step + num_envs
+        obs, step = next_obs, step + args.num_envs
 
-        if rb.size >= args.batch_size and not (random_phase and step < args.learning_starts):
-            pending += args.utd * num_envs
+        if rb.size >= args.batch_size and (demos is not None or step >= args.learning_starts):
+            pending += args.utd * args.num_envs
             while pending >= 1:
                 pending -= 1
                 bc = None
@@ -732,24 +806,28 @@ def main(args: Args):
                     idx = torch.randint(0, n_demo, (args.batch_size,), device=device)
                     bc = (demo_t["s"][idx], demo_t["a"][idx])
                 logs = sac_update(*rb.sample(args.batch_size), bc_batch=bc)
+                check_finite(logs, step, ckpt_path)
 
-        if step - last_print >= 1000 or step >= args.total_timesteps:
-            last_print = step
-            sps = int((step - start_step) / (time.time() - t0))
-            rets, succs = [x[0] for x in recent[-20:]], [x[1] for x in recent[-20:]]
+        if step // 1000 > (step - args.num_envs) // 1000 or step >= args.total_timesteps:
+            sps, t_last, step_last = (step - step_last) / max(time.time() - t_last, 1e-9), time.time(), step
+            rets, succs = [g for g, _ in recent], [s for _, s in recent]
             writer.add_scalar("charts/SPS", sps, step)
-            line = f"step {step} | {sps} steps/s | return {np.mean(rets) if rets else float('nan'):.2f}"
+            line = (f"step {step}/{args.total_timesteps} | {sps:.0f} steps/s | "
+                    f"ETA {(args.total_timesteps - step) / max(sps, 1e-9) / 60:.0f}m | train episodes"
+                    + (" (end at success)" if maniskill else "")
+                    + f": return {np.mean(rets) if rets else float('nan'):.2f}")  # fmt: skip
             if maniskill:
-                line += f" | success {np.mean(succs) if succs else float('nan'):.2f}"
+                line += f" success {np.mean(succs) if succs else float('nan'):.2f}"
                 writer.add_scalar("charts/success", np.mean(succs) if succs else 0.0, step)
-            if "logs" in locals():
+            if logs is not None:
                 for k, v in logs.items():
                     writer.add_scalar(f"losses/{k}", v.item(), step)
                 line += f" | alpha {logs['alpha'].item():.3g} | log_pi {logs['log_pi'].item():.2f}"
             print(line, flush=True)
 
-    eval_and_save(step)
-    envs.close(), eval_envs.close(), writer.close()
+    envs.close()
+    eval_envs.close()
+    writer.close()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""sac_flow.py: noise-augmented likelihood, its normalisation, loss gradients, CLI smoke runs, bad input."""
+"""sac_flow.py: the sampler against the scorer, the likelihood and its normalisation, loss values and
+gradients, the rollout's time grid against flow matching; CLI runs on both vector envs, determinism, exact
+resume, NaN guard, bad input."""
 
-import dataclasses
-import functools
+import contextlib
+import io
+import json
 import re
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+import tyro
+from conftest import assert_one_line_error, read_scalars, run_script, snapshot
+from scipy import stats
 from torch.distributions import AffineTransform, Independent, Normal, TanhTransform, TransformedDistribution
 from torch.func import functional_call
 
@@ -103,111 +109,312 @@ def test_gradcheck_actor_critic_alpha_losses(velocity):
     assert torch.autograd.gradcheck(f_fm, (s, a.requires_grad_()))
 
 
-# ---- CLI: smoke runs through the real script, then evaluate the written checkpoint ----
-# Tiny networks and budgets; on this shared 2-core machine each interpreter start costs 10-20 s (torch),
-# so the Pendulum checkpoints are evaluated in-process through main() (the same code path as `--evaluate`),
-# and PickCube's through the CLI.
-TINY = ["--batch-size", "32", "--hidden", "32", "--transformer-dim", "16", "--num-eval-episodes", "1"]
+def test_loss_values_by_hand():
+    """Signs and the min over the twin critics, on numbers worked out by hand."""
+    one = lambda x: torch.tensor([x], dtype=F64)  # noqa: E731
+    y = sac_flow.soft_q_target(one(1.0), one(0.0), 0.5, one(2.0), one(4.0), one(-1.0), 0.5)
+    assert y.item() == pytest.approx(1.0 + 0.5 * (2.0 + 0.5))  # r + γ (min Q̄ − α log π)
+    assert sac_flow.soft_q_target(one(1.0), one(1.0), 0.5, one(2.0), one(4.0), one(-1.0), 0.5).item() == 1.0
+    assert sac_flow.actor_loss(one(-1.0), one(2.0), one(4.0), 0.5).item() == pytest.approx(-0.5 - 2.0)
+    assert sac_flow.alpha_loss(torch.tensor(0.0), one(-1.0), -2.0).item() == pytest.approx(3)  # −α(logπ + H̄)
 
 
-def checkpoint_of(result) -> str:
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return re.findall(r"^checkpoint (\S+)$", result.stdout, re.M)[-1]
-
-
-@functools.cache
-def train_pendulum(velocity: str) -> str:
-    r = run_script(
-        "sac_flow.py", "--env-id", "Pendulum-v1", "--velocity", velocity, "--total-timesteps", "300",
-        "--learning-starts", "100", "--eval-freq", "300", "--max-episode-steps", "50", *TINY,
-    )  # fmt: skip
-    return checkpoint_of(r)
-
-
-def tiny_args(**kw) -> sac_flow.Args:
-    return sac_flow.Args(batch_size=32, hidden=32, transformer_dim=16, num_eval_episodes=1, **kw)
+def scored_means(policy, s, xs):
+    """μ_k = x_k + Δt v_θ(k/K, x_k, s) from a given chain (the paper's formula, written independently)."""
+    e_s, sigma = policy.encode(s)
+    K = len(xs) - 1
+    return torch.stack([xs[k] + policy.velocity(k / K, xs[k], e_s) / K for k in range(K)]), sigma
 
 
 @pytest.mark.parametrize("velocity", ["g", "t", "naive"])
-def test_smoke_pendulum_train_then_evaluate(velocity, capsys):
-    ckpt = train_pendulum(velocity)
-    args = tiny_args(env_id="Pendulum-v1", velocity=velocity, checkpoint=str(ROOT / ckpt), evaluate=True)
-    sac_flow.main(dataclasses.replace(args, max_episode_steps=50))
-    assert re.search(r"eval .* \(step 300\): return -?\d", capsys.readouterr().out)
+def test_sampler_draws_what_the_scorer_scores(velocity):
+    """Chains from the rollout that training uses: (x_{k+1} − μ_k)/σ is N(0, 1) with the scorer's μ_k, σ."""
+    policy = small_policy(velocity)
+    torch.manual_seed(1)
+    B = 20_000
+    s = torch.randn(B, 6, dtype=F64)
+    with torch.no_grad():
+        xs = policy.rollout(s, torch.randn(4, B, 2, dtype=F64))[0]
+        mus, sigma = scored_means(policy, s, xs)
+    assert sigma.median() < 0.5  # mostly away from 1, where σ² for σ would not show
+    z = ((xs[1:] - mus) / sigma).flatten().numpy()
+    n = len(z)
+    assert abs(z.mean()) < 4 / np.sqrt(n) and abs(z.var() - 1) < 4 * np.sqrt(2 / n), (z.mean(), z.var())
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    x0 = xs[0].flatten().numpy()
+    assert stats.kstest(x0, "norm").pvalue > 1e-3
 
 
-def test_save_demos_writes_the_npz_reinflow_reads(tmp_path):
+@pytest.mark.parametrize("velocity", ["g", "naive"])
+def test_score_function_identity(velocity):
+    """E_{chain ~ π_θ}[∇_θ log π_θ(chain)] = 0, within its Monte Carlo error, for chains the rollout drew."""
+    policy = small_policy(velocity)
+    torch.manual_seed(2)
+    params = [p for p in policy.parameters()]
+    grads = []
+    for _ in range(40):
+        s = torch.randn(500, 6, dtype=F64)
+        with torch.no_grad():
+            xs = policy.rollout(s, torch.randn(4, 500, 2, dtype=F64))[0]
+        mus, sigma = scored_means(policy, s, xs)
+        log_pi = sac_flow.policy_log_prob(xs, mus, sigma, policy.c).mean()
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(log_pi, params)]))
+    g = torch.stack(grads)
+    sd = g.std(0)
+    z = (g.mean(0) / (sd / np.sqrt(len(g))))[sd > 1e-12]
+    assert (z**2).mean() < 1.5 and z.abs().max() < 5, ((z**2).mean(), z.abs().max())
+
+
+def test_rollout_uses_the_time_grid_flow_matching_trains():
+    """Pretrained by flow matching on one action, the rollout with σ → 0 lands on that action: the Euler steps
+    query v_θ at the t_k = k/K that the loss trained."""
+    torch.manual_seed(0)
+    policy = sac_flow.FlowPolicy(3, 2, "g", 3, 32, 8, np.ones(2), np.zeros(2), -12.0, -12.0)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    s, a_star = torch.zeros(128, 3), torch.tensor([0.6, -0.3]).expand(128, 2)
+    for _ in range(1000):
+        loss = sac_flow.flow_matching_loss(policy, s, a_star, torch.randn(128, 2), torch.rand(128, 1))
+        sac_flow.descend(opt, loss)
+    with torch.no_grad():
+        a, _ = policy(torch.zeros(1000, 3))
+    err = (a - a_star[0]).abs().max(-1).values
+    assert err.median() < 0.05, err.median()  # (k + 1)/K in the rollout: 0.10
+
+
+# ---- CLI and main(): tiny networks and budgets. On this shared 2-core machine each interpreter start costs
+# 10-20 s (torch, ManiSkill), so most runs call main() in-process (the code path of the command line) inside a
+# temporary working directory; two subprocess runs prove the command line itself.
+TINY = ["--batch-size", "32", "--hidden-dim", "32", "--transformer-dim", "16", "--eval-episodes", "1"]
+PENDULUM = dict(env_id="Pendulum-v1", max_episode_steps=50, learning_starts=100)
+
+
+def tiny_args(**kw) -> sac_flow.Args:
+    return sac_flow.Args(batch_size=32, hidden_dim=32, transformer_dim=16, eval_episodes=1, **kw)
+
+
+def run_main(args: sac_flow.Args) -> str:
+    """main(args) in the current directory; returns what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        sac_flow.main(args)
+    return out.getvalue()
+
+
+def checkpoint_in(out: str) -> str:
+    return re.findall(r"^checkpoint (\S+)$", out, re.M)[-1]
+
+
+@pytest.fixture(scope="module")
+def pendulum_runs(tmp_path_factory) -> dict[str, Path]:
+    """A 300-step Pendulum run per velocity; returns the final ckpt.pt of each."""
+    d = tmp_path_factory.mktemp("pendulum")
+    with contextlib.chdir(d):
+        return {
+            v: d / checkpoint_in(run_main(tiny_args(velocity=v, exp_name=v, total_timesteps=300,
+                                                    eval_freq=300, **PENDULUM)))  # fmt: skip
+            for v in ("g", "t", "naive")
+        }
+
+
+@pytest.mark.parametrize("velocity", ["g", "t", "naive"])
+def test_pendulum_train_then_evaluate_writes_json(velocity, pendulum_runs):
+    ckpt = pendulum_runs[velocity]
+    out = run_main(tiny_args(env_id="Pendulum-v1", velocity=velocity, checkpoint=str(ckpt), evaluate=True,
+                             max_episode_steps=50))  # fmt: skip
+    assert re.search(r"^eval step 300: return -?\d+\.\d+ .*seed 1;", out, re.M), out
+    result = json.loads(ckpt.with_suffix(".eval.json").read_text())
+    assert result["global_step"] == 300 and result["seed"] == 1 and result["eval_episodes"] == 1
+
+
+def test_save_demos_writes_the_npz_reinflow_reads(tmp_path, pendulum_runs):
     out = tmp_path / "demos.npz"
-    args = tiny_args(env_id="Pendulum-v1", checkpoint=str(ROOT / train_pendulum("g")), max_episode_steps=50)
-    sac_flow.main(dataclasses.replace(args, save_demos=3, demo_out=str(out)))
+    run_main(tiny_args(env_id="Pendulum-v1", checkpoint=str(pendulum_runs["g"]), max_episode_steps=50,
+                       save_demos=3, demo_out=str(out)))  # fmt: skip
     d = np.load(out)
     assert d["obs"].shape == (150, 3) and d["actions"].shape == (150, 1)
     assert list(d["episode_ends"]) == [50, 100, 150] and d["returns"].shape == (3,)
     assert np.abs(d["actions"]).max() <= 2.0  # Pendulum's bounds
 
 
-def test_replay_buffer_round_trip_keeps_the_newest_transitions():
+def test_replay_buffer_round_trip_keeps_the_newest_transitions_in_their_slots():
     rb = sac_flow.ReplayBuffer(5, 1, 1, "cpu")
-    for i in range(7):  # wraps: holds 2..6
+    for i in range(7):  # wraps: holds 2..6, the next write goes to slot 2
         rb.add(np.full((1, 1), i), np.zeros((1, 1)), np.full(1, i), np.zeros((1, 1)), np.zeros(1))
     assert rb.state_dict()["r"].tolist() == [2, 3, 4, 5, 6]
+    same = sac_flow.ReplayBuffer(5, 1, 1, "cpu")
+    same.load_state_dict(rb.state_dict())
+    assert same.r.tolist() == rb.r.tolist() and same.pos == rb.pos  # same slots: minibatches as unbroken
     small = sac_flow.ReplayBuffer(3, 1, 1, "cpu")
     small.load_state_dict(rb.state_dict())
     assert small.size == 3 and sorted(small.r.tolist()) == [4, 5, 6]
     assert small.s[:, 0].tolist() == small.r.tolist()  # rows stay whole
 
 
-def test_resume_reloads_the_replay_buffer(capsys):
-    args = tiny_args(env_id="Pendulum-v1", checkpoint=str(ROOT / train_pendulum("g")), max_episode_steps=50)
-    sac_flow.main(dataclasses.replace(args, total_timesteps=400, eval_freq=1000))
-    out = capsys.readouterr().out
-    assert "resumed 300 transitions" in out and "eval step 400" in out
+def test_same_seed_same_scalars(tmp_path, monkeypatch):
+    """Warm-up actions included: they come from the seeded action space."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        run_main(tiny_args(exp_name=name, total_timesteps=300, eval_freq=150, **PENDULUM))
+    a, b = (read_scalars(next(Path("runs").glob(f"*__{name}__*"))) for name in ("a", "b"))
+    assert len(a["charts/episodic_return"]) == 6 and a == b
 
 
-def test_smoke_pickcube_offline_to_online_then_evaluate(pickcube_demos):
-    common = ["--env-id", "PickCube-v1", "--num-envs", "1", "--max-episode-steps", "20", *TINY]
-    r = run_script(
-        "sac_flow.py", "--demo-path", str(pickcube_demos), "--pretrain-steps", "20",
-        "--total-timesteps", "200", "--eval-freq", "200", *common,
-    )  # fmt: skip
-    ckpt = checkpoint_of(r)
-    assert "pretrain 19: flow-matching loss" in r.stdout and "success" in r.stdout
-    r = run_script("sac_flow.py", "--checkpoint", ckpt, "--evaluate", *common)
+def test_resumed_run_logs_what_the_unbroken_run_logs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = dict(eval_freq=200, **PENDULUM)
+    run_main(tiny_args(exp_name="whole", total_timesteps=400, **common))
+    ckpt = checkpoint_in(run_main(tiny_args(exp_name="part", total_timesteps=200, **common)))  # at step 200
+    out = run_main(tiny_args(exp_name="resumed", total_timesteps=400, checkpoint=ckpt, **common))
+    assert re.search(rf"^resumed {re.escape(ckpt)} at step 200 \(200 transitions", out, re.M), out
+    whole, part, resumed = (read_scalars(next(Path("runs").glob(f"*__{n}__*"))) for n in ("whole", "part", "resumed"))  # noqa: E501
+    after = {tag: [(s, v) for s, v in values if s > 200] for tag, values in whole.items()}
+    assert resumed == {tag: values for tag, values in after.items() if values}
+    assert len(resumed["charts/episodic_return"]) == 4 and "losses/qf_loss" in resumed
+    before = {tag: [(s, v) for s, v in values if s <= 200] for tag, values in whole.items()}
+    assert part["eval/return"] == before["eval/return"]
+    assert part["charts/episodic_return"] == before["charts/episodic_return"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sac_flow, "critic_loss", lambda q1, q2, y: ((q1 + q2 - 2 * y) * np.nan).mean())
+    with pytest.raises(SystemExit) as e:
+        run_main(tiny_args(total_timesteps=300, eval_freq=100, **PENDULUM))
+    ckpt = re.fullmatch(r"error: non-finite qf_loss at step 101; last good checkpoint: (\S+)", str(e.value))
+    assert ckpt, str(e.value)
+    assert torch.load(ckpt[1], weights_only=False)["global_step"] == 100
+
+
+def test_pickcube_batched_path_trains_resumes_and_evaluates(pickcube_demos, tmp_path, monkeypatch):
+    """The GPU code path (ManiSkillVectorEnv) on physx_cpu: offline-to-online, resumed in-process on the same
+    path, evaluated through the command line on the per-process (gymnasium) path."""
+    env = ["--env-id", "PickCube-v1", "--max-episode-steps", "20", "--demo-path", str(pickcube_demos), *TINY]
+    batched = ["--sim-backend", "physx_cpu", "--vector-env", "maniskill", "--num-envs", "1", *env]
+    budget = ["--sft-steps", "20", "--total-timesteps", "100", "--eval-freq", "100"]
+    r = run_script("sac_flow.py", *budget, *batched)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    banner = r"^run \S+ \| env PickCube-v1 \(physx_cpu, maniskill\) \| device cpu \| demos \d+ transitions"
+    assert re.search(banner, r.stdout, re.M), r.stdout
+    assert "sft 20/20: flow-matching loss" in r.stdout and "success_once" in r.stdout
+    ckpt = str(ROOT / checkpoint_in(r.stdout))
+    monkeypatch.chdir(tmp_path)
+    out = run_main(tyro.cli(sac_flow.Args, args=[*batched, "--checkpoint", ckpt, "--total-timesteps", "200"]))
+    assert f"resumed {ckpt} at step 100" in out and "eval step 200:" in out, out
+    progress = r"^step 200/200 \| \d+ steps/s \| ETA 0m \| train episodes \(end at success\): return"
+    assert re.search(progress, out, re.M), out
+    ckpt = str(tmp_path / checkpoint_in(out))
+    r = run_script("sac_flow.py", "--checkpoint", ckpt, "--evaluate", "--vector-env", "gymnasium", *env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"success_once \d\.\d+ success_at_end \d\.\d+", r.stdout), r.stdout
+    assert re.search(r"^eval step 200: return \S+ success_once \d\.\d+ success_at_end \d", r.stdout, re.M)
+    assert "success_once" in json.loads(Path(ckpt).with_suffix(".eval.json").read_text())
 
 
-def assert_one_line_error(r, *words):
-    assert r.returncode != 0
-    lines = [ln for ln in r.stderr.strip().splitlines() if "WARNING" not in ln]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert all(w in lines[0] for w in words), lines[0]
+# ---- bad input: one "error:" line, exit 1, no traceback, nothing written, no env built ----
+BAD_FLAGS = {
+    "--num-envs 0": (dict(num_envs=0), "--num-envs"),
+    "--num-envs -1": (dict(num_envs=-1), "--num-envs"),
+    "--denoising-steps 0": (dict(denoising_steps=0), "--denoising-steps"),
+    "--denoising-steps -1": (dict(denoising_steps=-1), "--denoising-steps"),
+    "--total-timesteps -100": (dict(total_timesteps=-100), "--total-timesteps"),
+    "--gamma 2": (dict(gamma=2.0), "--gamma"),
+    "log sigma bounds swapped": (dict(log_sigma_min=1.0, log_sigma_max=0.0), "--log-sigma-min"),
+    "unknown env": (dict(env_id="NoSuchEnv-v0"), "NoSuchEnv-v0"),
+    "--evaluate without checkpoint": (dict(evaluate=True), "--checkpoint"),
+    "gymnasium id on the batched env": (dict(vector_env="maniskill"), "--vector-env maniskill"),
+    "physx_cpu batched with 2 envs": (
+        dict(env_id="PickCube-v1", sim_backend="physx_cpu", vector_env="maniskill", num_envs=2),
+        "--num-envs 1",
+    ),
+}
 
 
-def test_bad_inputs_exit_with_one_clear_line(pickcube_demos, tmp_path):
-    assert_one_line_error(run_script("sac_flow.py", "--env-id", "NoSuchEnv-v0"), "unknown env id")
+def expect_error(args: sac_flow.Args, where: Path, *needles: str):
+    before = snapshot(where)
+    with pytest.raises(SystemExit) as e:
+        run_main(args)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and all(n in msg for n in needles), msg
+    assert snapshot(where) == before
+
+
+@pytest.fixture
+def no_envs(monkeypatch, tmp_path):
+    """Bad input must be refused before any env is built, in an empty working directory."""
+    monkeypatch.setattr(sac_flow, "make_envs", lambda *a, **k: pytest.fail("an env was built"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_bad_flags(case, no_envs):
+    kw, needle = BAD_FLAGS[case]
+    expect_error(tiny_args(**{"env_id": "Pendulum-v1", **kw}), no_envs, needle)
+
+
+def bad_demo_files(demos: Path, d: Path) -> dict[str, Path]:
+    """Broken copies of a good demo file, each with the good json sidecar."""
+    files = {name: d / f"{name}.h5" for name in ("truncated", "not_h5", "no_actions")}
+    files["truncated"].write_bytes(demos.read_bytes()[: demos.stat().st_size // 2])
+    files["not_h5"].write_text("obs,actions\n")
+    with h5py.File(demos) as src, h5py.File(files["no_actions"], "w") as dst:
+        for name in src:
+            for key in ("obs", "rewards", "terminated"):
+                dst[f"{name}/{key}"] = src[name][key][()]
+    for f in files.values():
+        shutil.copy(demos.with_suffix(".json"), f.with_suffix(".json"))
+    return files
+
+
+def test_bad_demo_files_fail_before_any_env(pickcube_demos, no_envs):
+    for name, path in bad_demo_files(pickcube_demos, no_envs).items():
+        needle = "actions" if name == "no_actions" else "not a readable h5"
+        expect_error(tiny_args(env_id="PickCube-v1", demo_path=str(path)), no_envs, str(path), needle)
+    expect_error(tiny_args(env_id="PushCube-v1", demo_path=str(pickcube_demos)), no_envs,
+                 "demos are for PickCube-v1 / pd_ee_delta_pos, not PushCube-v1")  # fmt: skip
+
+
+def test_demos_of_the_wrong_shape_fail_before_the_run_directory(pickcube_demos, tmp_path, monkeypatch):
     bad = tmp_path / "bad.h5"  # the same demos with 3-dimensional actions
     with h5py.File(pickcube_demos) as src, h5py.File(bad, "w") as dst:
         for name in src:
-            dst[f"{name}/obs"], dst[f"{name}/actions"] = src[name]["obs"][()], src[name]["actions"][:, :3]
-            dst[f"{name}/rewards"], dst[f"{name}/terminated"] = (
-                src[name]["rewards"][()],
-                src[name]["terminated"][()],
-            )
-    bad.with_suffix(".json").write_text(pickcube_demos.with_suffix(".json").read_text())
-    r = run_script(
-        "sac_flow.py", "--env-id", "PickCube-v1", "--num-envs", "1", "--demo-path", str(bad), *TINY
-    )
-    assert_one_line_error(r, "actions", "(L, 4)")
-    # the checks behind the remaining errors, called directly (SystemExit prints one line and exits with 1)
-    ckpt = str(ROOT / train_pendulum("g"))
-    with pytest.raises(
-        SystemExit, match=r"^error: checkpoint .* velocity='g' but this run has 't'; pass --velocity g"
-    ):
-        sac_flow.load_checkpoint(ckpt, tiny_args(env_id="Pendulum-v1", velocity="t"))
-    with pytest.raises(SystemExit, match="^error: checkpoint .* not found"):
-        sac_flow.load_checkpoint(str(tmp_path / "none.pt"), tiny_args())
-    with pytest.raises(
-        SystemExit, match=r"^error: demos are for PickCube-v1 / pd_ee_delta_pos, not PushCube-v1"
-    ):
-        sac_flow.load_demos(str(pickcube_demos), "PushCube-v1", "pd_ee_delta_pos", 35, 4)
+            for key in ("obs", "rewards", "terminated"):
+                dst[f"{name}/{key}"] = src[name][key][()]
+            dst[f"{name}/actions"] = src[name]["actions"][:, :3]
+    shutil.copy(pickcube_demos.with_suffix(".json"), bad.with_suffix(".json"))
+    monkeypatch.chdir(tmp_path)
+    expect_error(tiny_args(env_id="PickCube-v1", num_envs=1, demo_path=str(bad)), tmp_path,
+                 "actions of dim 3; PickCube-v1 needs 42 and 4")  # fmt: skip
+
+
+def test_bad_checkpoints(pendulum_runs, no_envs):
+    good = pendulum_runs["g"]
+    args = dict(env_id="Pendulum-v1")
+    saved = torch.load(good, weights_only=False)
+    cases = {
+        "missing.pt": (None, "not found"),
+        "text.pt": ("not a checkpoint", "not a torch file"),
+        "reinflow.pt": ({**saved, "script": "reinflow"}, "by reinflow.py"),
+        "old.pt": ({k: v for k, v in saved.items() if k != "script"}, "no script key"),
+    }
+    for name, (content, needle) in cases.items():
+        path = no_envs / name
+        if isinstance(content, str):
+            path.write_text(content)
+        elif content is not None:
+            torch.save(content, path)
+        expect_error(tiny_args(checkpoint=str(path), **args), no_envs, str(path), needle)
+    expect_error(tiny_args(checkpoint=str(good), **{**args, "velocity": "t"}), no_envs,
+                 "velocity='g' but this run has 't'; pass --velocity g")  # fmt: skip
+    run = no_envs / "run"
+    shutil.copytree(good.parent, run)
+    buffer = run / "buffer.pt"
+    buffer.write_bytes(buffer.read_bytes()[:1000])
+    expect_error(tiny_args(checkpoint=str(run / "ckpt.pt"), **args), no_envs, str(buffer))
+
+
+def test_cli_bad_input_is_one_line_and_creates_nothing():
+    ours = lambda: {p for p in snapshot(ROOT / "runs") if "__sac_flow__" in str(p)}  # noqa: E731  (shared dir)
+    before = ours()
+    r = run_script("sac_flow.py", "--env-id", "Pendulum-v1", "--denoising-steps", "0")
+    assert_one_line_error(r, "--denoising-steps")
+    assert ours() == before
