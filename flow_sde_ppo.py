@@ -22,12 +22,20 @@ with dt = −Δ gives the Gaussian step
     x_{t−Δ} = x_t·(1 − σ_t²Δ/(2t)) − v·Δ·(1 + σ_t²(1 − t)/(2t)) + σ_t·√Δ·ε,   ε ~ N(0, I),
     σ_t = a·√(t / (1 − t))  (at t = 1 the denominator is 1 − t_1),  a = --noise-level.
 a = 0 gives the deterministic Euler step x − Δ·v (the ODE), used for evaluation.
+The 1 − t_1 substitution (the reference's) makes the first step's noise σ²Δ = a² and its contraction 1 − a²/2,
+so a stochastic step at t = 1 leaves x_1 with variance (1 − Δ − a²/2)² + a² = (1 − Δ)² + a²Δ + a⁴/4: an excess
+of a⁴/4 that does not vanish as K grows. Measured on Gaussian data (exact velocity, 400k chains), the first
+step alone stochastic inflates the action variance by a⁴/4 of the data variance (a = 0.5: 1.6 %; a = 1: 25 %)
+at every K from 16 to 256; with every step stochastic (--sde-steps all) the later steps remove it (< 0.3 %).
+Kept: it is the reference's sampler, the scorer scores exactly what it samples (the policy gradient is
+unbiased for that policy), and at the default a = 0.5, K = 4 it happens in 1 of 4 chunk steps and is 1/30 of
+the K = 4 Euler error of the ODE itself (−50 % of the data variance).
 CPS (--sampler cps): with the predicted data â = x − t·v and noise ε̂ = x + (1 − t)·v,
     μ = â·(1 − t + Δ) + ε̂·(t − Δ)·cos(πa/2),   std = (t − Δ)·sin(πa/2).
 
-Two-layer MDP (RLinf). Each chunk step draws one denoising index k* ~ U{0..K−1} (U{0..K−2} with
---ignore-last or CPS, whose last step has std 0), shared by the env batch. Step k* is the SDE step, all
-other steps are ODE steps, so the chunk's likelihood is one Gaussian transition:
+Two-layer MDP (RLinf). Each chunk step draws one denoising index k* ~ U{0..K−1} (U{0..K−2} for CPS, whose
+last step has std 0), shared by the env batch. Step k* is the SDE step, all other steps are ODE steps, so the
+chunk's likelihood is one Gaussian transition:
     log π(a | o) = log N(x_{k*+1}; μ_{k*}(x_{k*}, o), σ_{k*}²Δ)  restricted to the executed C×A entries,
 summed (--logprob-type chunk, one ratio per chunk step) or kept per element (token). PPO recomputes only that
 transition: one velocity forward per sample instead of K. --sde-steps all makes every step stochastic and
@@ -36,13 +44,14 @@ PPO: r = exp(log π_θ − log π_old), L_π = −E[min(r·Â, clip(r, 1 ± ε)�
 the chunk's summed reward; value loss max(Huber(V − R), Huber(V_clip − R)); no entropy bonus.
 """
 
+import json
 import math
 import os
 import random
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -55,16 +64,18 @@ import tyro
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
+    seed: int | None = None
+    """1 for a new run; with --checkpoint, the checkpoint's seed"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda (and ManiSkill's physx_cuda backend) is used when available"""
+    """if toggled, cuda is used when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cleanflow"
     """the wandb's project name"""
+    capture_video: bool = False
+    """if toggled, record videos of the evaluation episodes to runs/{run_name}/videos"""
     save_model: bool = True
     """whether to save checkpoints into runs/{run_name}"""
     checkpoint: str | None = None
@@ -77,24 +88,35 @@ class Args:
     """a ManiSkill3 id (state obs) or a gymnasium id with a Box action space (e.g. Hopper-v5)"""
     control_mode: str = "pd_ee_delta_pos"
     """ManiSkill controller; must match the demos'"""
-    num_envs: int = 2
-    """parallel training envs (AsyncVectorEnv processes on CPU, one physx_cuda process on GPU)"""
-    num_eval_envs: int = 2
-    """parallel evaluation envs"""
     reward_mode: str = "sparse"
     """ManiSkill reward: sparse = 1 at success (πRL fine-tunes on task success) or normalized_dense"""
     max_episode_steps: int | None = None
     """episode length; None: 100 for ManiSkill (motion-planned PickCube demos take <= 99), else the env's"""
+    num_envs: int = 2
+    """parallel training envs"""
+    num_eval_envs: int = 2
+    """parallel evaluation envs"""
+    sim_backend: Literal["auto", "physx_cpu", "physx_cuda"] = "auto"
+    """auto: physx_cuda when --cuda and a GPU exist, else physx_cpu; ignored for gymnasium/MuJoCo ids"""
+    vector_env: Literal["auto", "gymnasium", "maniskill"] = "auto"
+    """gymnasium: one simulator per process in gymnasium's AsyncVectorEnv (CPU); maniskill: ManiSkill's
+    batched env in ManiSkillVectorEnv, the GPU path (on physx_cpu it needs --num-envs 1 and is how the tests
+    run the GPU code); auto: maniskill on physx_cuda, gymnasium otherwise"""
+    eval_freq: int = 5000
+    """evaluate and checkpoint every N env steps (rounded to whole iterations), before RL and at the end;
+    0: only at the end"""
+    eval_episodes: int = 20
+    """episodes per evaluation (0: no evaluation while training)"""
 
     # Policy (flow-matching action expert)
     denoising_steps: int = 4
     """K, the number of denoising steps"""
+    hidden_dim: int = 256
+    """width of the 3-layer MLPs (velocity net and critic)"""
     action_horizon: int = 8
     """H, length of the predicted action chunk"""
     num_action_chunks: int = 5
     """C, how many of the H actions are executed per policy call"""
-    hidden_dim: int = 256
-    """width of the 3-layer MLPs (velocity net and critic)"""
     backbone: Literal["mlp", "transformer"] = "mlp"
     """velocity net: an MLP over (o, x, t), or a π0-style transformer over [state tokens ; action tokens]"""
     backbone_path: str | None = None
@@ -107,38 +129,28 @@ class Args:
     """use only the first N trajectories of the file"""
     sft_steps: int = 2000
     """gradient steps of flow-matching behaviour cloning before RL"""
-    sft_lr: float = 3e-4
-    """SFT learning rate"""
     sft_batch_size: int = 256
     """SFT minibatch size"""
+    sft_lr: float = 3e-4
+    """SFT learning rate"""
 
     # Flow-SDE
     noise_level: float = 0.5
     """a in σ_t = a·sqrt(t/(1−t)) (for CPS: the angle πa/2)"""
-    noise_level_end: float | None = None
-    """if set, a is annealed linearly from --noise-level to this over --noise-anneal-iters iterations"""
-    noise_anneal_iters: int = 100
-    """iterations of the linear anneal of a"""
     sampler: Literal["sde", "cps"] = "sde"
     """the stochastic step: Flow-SDE (Flow-GRPO) or coefficients-preserving sampling"""
     sde_steps: Literal["one", "all"] = "one"
     """one: the two-layer MDP (one SDE step k* per chunk, the rest ODE); all: every step is stochastic"""
-    ignore_last: bool = False
-    """never make the last denoising step stochastic (keeps the executed actions noise-free at k=K−1)"""
     logprob_type: Literal["chunk", "token"] = "chunk"
     """chunk: one PPO ratio per chunk step (sum over C×A); token: one ratio per executed action entry"""
 
     # PPO
-    total_timesteps: int = 100_000
-    """total env steps of RL"""
-    num_steps: int = 100
-    """chunk steps per env per rollout (env steps per rollout = num_envs·num_steps·C)"""
     learning_rate: float = 3e-5
     """actor (velocity net) learning rate"""
     critic_learning_rate: float = 3e-4
     """critic learning rate"""
-    critic_warmup: int = 2
-    """the first N updates train only the critic (a random critic would drag the SFT policy)"""
+    critic_warmup_iters: int = 2
+    """the first N iterations train only the critic (a random critic would drag the SFT policy)"""
     gamma: float = 0.99
     """discount per chunk step"""
     gae_lambda: float = 0.95
@@ -159,14 +171,10 @@ class Args:
     """gradient-norm clip"""
     target_kl: float | None = None
     """stop the epochs early above this approximate KL"""
-
-    # Evaluation and logging
-    eval_every: int = 5
-    """evaluate every N iterations (and before RL and at the end); 0: only at the end"""
-    eval_episodes: int = 20
-    """episodes per evaluation (0: no evaluation while training)"""
-    checkpoint_every: int = 5
-    """checkpoint every N iterations (and at the end)"""
+    total_timesteps: int = 100_000
+    """total env steps of RL"""
+    num_steps: int = 100
+    """chunk steps per env per rollout (env steps per rollout = num_envs·num_steps·C)"""
 
     # filled at runtime
     batch_size: int = 0
@@ -208,6 +216,12 @@ def gaussian_log_prob(x, mu, std):
     return -((x - mu) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
 
 
+def stochastic_steps(K, sde_steps, sampler, rng):
+    """The two-layer MDP's k* ~ U{0..K'−1} (shared by the env batch), or every step with --sde-steps all."""
+    last = K - 1 if sampler == "cps" else K  # CPS's last step has std 0
+    return list(range(last)) if sde_steps == "all" else [int(rng.integers(last))]
+
+
 def reduce_log_prob(logp, C: int, logprob_type: str):
     """(B, S, H, A) per-step log-probs → mean over the S stochastic steps, executed C actions only;
     chunk: sum over (C, A) → (B,); token: (B, C, A)."""
@@ -215,38 +229,32 @@ def reduce_log_prob(logp, C: int, logprob_type: str):
     return logp.sum((1, 2)) if logprob_type == "chunk" else logp
 
 
-def ppo_loss(logp, old_logp, adv, value, old_value, ret, clip_coef, value_clip, huber_delta):
+def ppo_loss(logp, old_logp, adv, value, old_value, ret, args):
     """Clipped-ratio policy loss and clipped Huber value loss; adv (B,) broadcasts over token log-probs."""
     adv = adv.view(-1, *([1] * (logp.dim() - 1)))
     logratio = logp - old_logp
     ratio = logratio.exp()
-    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
-    v_clipped = old_value + (value - old_value).clamp(-value_clip, value_clip)
-    huber = partial(nn.functional.huber_loss, reduction="none", delta=huber_delta)
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    v_clipped = old_value + (value - old_value).clamp(-args.value_clip, args.value_clip)
+    huber = partial(nn.functional.huber_loss, reduction="none", delta=args.huber_delta)
     v_loss = torch.max(huber(value, ret), huber(v_clipped, ret)).mean()
     with torch.no_grad():
         approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
     return pg_loss, v_loss, approx_kl, clipfrac
 
 
-def gae(rewards, values, dones, next_value, gamma, lam):
-    """GAE over chunk steps; dones[t] = the episode ended during transition t (T, N tensors)."""
+def gae(rewards, values, dones, next_value, gamma, gae_lambda):
+    """GAE over (T, N) steps; dones[t] = the episode ended at step t (no bootstrap from t + 1; a truncation's
+    bootstrap is folded into rewards[t] beforehand). Returns (advantages, returns)."""
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
         nxt = next_value if t == rewards.shape[0] - 1 else values[t + 1]
         delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]
-        last = delta + gamma * lam * (1 - dones[t]) * last
+        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
         adv[t] = last
     return adv, adv + values
-
-
-def noise_level_at(iteration: int, a0: float, a1: float | None, anneal_iters: int) -> float:
-    """Linear anneal of a from a0 to a1 (constant a0 when a1 is None)."""
-    if a1 is None:
-        return a0
-    return a0 + (a1 - a0) * min(iteration / max(anneal_iters, 1), 1.0)
 
 
 # ---------------------------------------------------------------- networks
@@ -351,7 +359,8 @@ class Agent(nn.Module):
     def sample(self, o, K, stochastic, a, sampler):
         """Runs the K-step chain from x_{t=1} ~ N(0, I); steps in `stochastic` use the SDE/CPS step.
         Returns the chain (B, K+1, H, A) and the stochastic steps' log-probs (B, S, H, A)."""
-        t, x = time_grid(K).to(o), torch.randn(o.shape[0], *self.shape, device=o.device, dtype=o.dtype)
+        t = time_grid(K).to(o)
+        x = torch.randn(o.shape[0], *self.shape, device=o.device, dtype=o.dtype)
         sigma = flow_sde_sigma(t, a)
         chain, logps = [x], []
         for k in range(K):
@@ -365,23 +374,20 @@ class Agent(nn.Module):
         logp = torch.stack(logps, 1) if logps else None
         return torch.stack(chain, 1), logp
 
+    def transition(self, o, chain, k, K, a, sampler):
+        """μ_k and std_k of x_{k+1} given the stored x_k, one step index k (B,) per sample."""
+        t, rows = time_grid(K).to(o), torch.arange(o.shape[0], device=o.device)
+        x = chain[rows, k]
+        tk, dt, sk = (u[:, None, None] for u in (t[k], t[k] - t[k + 1], flow_sde_sigma(t, a)[k]))
+        return denoise_step(x, self.v(x, t[k], o), tk, dt, sk, a, sampler)
+
     def log_prob(self, o, chain, idx, K, a, sampler):
         """Recomputes log N(x_{k+1}; μ_k, std_k²) at the stored stochastic indices idx (B, S): S forwards."""
-        t = time_grid(K).to(o)
-        sigma, rows, logps = flow_sde_sigma(t, a), torch.arange(o.shape[0], device=o.device), []
-        for s in range(idx.shape[1]):
-            k = idx[:, s]
-            x, x_next = chain[rows, k], chain[rows, k + 1]
-            tk, dt, sk = (u[:, None, None] for u in (t[k], t[k] - t[k + 1], sigma[k]))
-            mu, std = denoise_step(x, self.v(x, t[k], o), tk, dt, sk, a, sampler)
-            logps.append(gaussian_log_prob(x_next, mu, std))
+        rows, logps = torch.arange(o.shape[0], device=o.device), []
+        for k in idx.T:
+            mu, std = self.transition(o, chain, k, K, a, sampler)
+            logps.append(gaussian_log_prob(chain[rows, k + 1], mu, std))
         return torch.stack(logps, 1)
-
-
-def stochastic_steps(K, sde_steps, ignore_last, sampler, rng):
-    """The two-layer MDP's k* ~ U{0..K'−1} (shared by the env batch), or every step with --sde-steps all."""
-    last = K - 1 if (ignore_last or sampler == "cps") else K  # CPS's last step has std 0
-    return list(range(last)) if sde_steps == "all" else [int(rng.integers(last))]
 
 
 def sft_loss(agent, o, chunk):
@@ -391,30 +397,22 @@ def sft_loss(agent, o, chunk):
     return ((agent.v((1 - t) * chunk + t * eps, t[:, 0, 0], o) - (eps - chunk)) ** 2).mean()
 
 
-def ppo_update(agent, optimizer, b, args, a, update_policy=True):
-    """PPO epochs over one rollout batch b (flat tensors); returns the last minibatch's stats."""
-    n = b["obs"].shape[0]
+def ppo_update(agent, optimizer, b, args, update_policy=True):
+    """PPO epochs over one rollout batch b (flat tensors); returns the last minibatch's stats. A non-finite
+    loss raises FloatingPointError(its name) before the optimiser step."""
     advantages = (b["adv"] - b["adv"].mean()) / (b["adv"].std() + 1e-8)  # per batch: minibatches are small
+    K, a, n = args.denoising_steps, args.noise_level, b["obs"].shape[0]
     for _epoch in range(args.update_epochs):
-        perm = torch.randperm(n, device=b["obs"].device)
-        for start in range(0, n, args.minibatch_size):
-            mb = perm[start : start + args.minibatch_size]
-            logp = agent.log_prob(
-                b["obs"][mb], b["chain"][mb], b["idx"][mb], args.denoising_steps, a, args.sampler
-            )
+        for mb in torch.randperm(n, device=b["obs"].device).tensor_split(args.num_minibatches):
+            logp = agent.log_prob(b["obs"][mb], b["chain"][mb], b["idx"][mb], K, a, args.sampler)
             logp = reduce_log_prob(logp, args.num_action_chunks, args.logprob_type)
-            adv = advantages[mb]
+            value = agent.value(b["obs"][mb])
             pg_loss, v_loss, approx_kl, clipfrac = ppo_loss(
-                logp,
-                b["logp"][mb],
-                adv,
-                agent.value(b["obs"][mb]),
-                b["values"][mb],
-                b["returns"][mb],
-                args.clip_coef,
-                args.value_clip,
-                args.huber_delta,
+                logp, b["logp"][mb], advantages[mb], value, b["values"][mb], b["returns"][mb], args
             )
+            for name, loss in (("policy_loss", pg_loss), ("value_loss", v_loss)):
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(name)
             optimizer.zero_grad()
             (pg_loss * update_policy + args.vf_coef * v_loss).backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -425,56 +423,124 @@ def ppo_update(agent, optimizer, b, args, a, update_policy=True):
     return {k: v.item() for k, v in stats.items()}
 
 
-# ---------------------------------------------------------------- environments
-def env_kind(env_id):
-    if env_id in gym.registry and not gym.registry[env_id].entry_point.startswith("mani_skill"):
-        return "gymnasium"
-    import mani_skill.envs  # noqa: F401  (registers the ManiSkill ids)
-    from mani_skill.utils.registration import REGISTERED_ENVS
-
-    if env_id in REGISTERED_ENVS:
-        return "maniskill"
-    raise SystemExit(
-        f"error: unknown env id {env_id!r}: use a ManiSkill3 id (e.g. PickCube-v1) or a gymnasium id"
-    )
+# ---------------------------------------------------------------- validation and environments
+def fail(msg: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 1, not a traceback."""
+    raise SystemExit(f"error: {msg}")
 
 
-def make_single_env(env_id, kind, control_mode, reward_mode, max_episode_steps):
-    if kind == "gymnasium":
-        return gym.make(env_id, max_episode_steps=max_episode_steps)
-    import mani_skill.envs  # noqa: F401
-    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-    kw = dict(
-        obs_mode="state", sim_backend="physx_cpu", render_backend="cpu", max_episode_steps=max_episode_steps
-    )
-    kw |= dict(enhanced_determinism=True)  # else unseeded resets use the worker's unseeded torch RNG
-    return CPUGymWrapper(gym.make(env_id, control_mode=control_mode, reward_mode=reward_mode, **kw))
-
-
-def make_vector_env(args, kind, num_envs, device):
-    steps = args.max_episode_steps or (100 if kind == "maniskill" else None)
-    if kind == "maniskill" and device.type == "cuda":  # many envs in one GPU process
+def is_maniskill(env_id: str) -> bool:
+    """True for a ManiSkill3 id, False for a gymnasium one; fail() for an id neither knows."""
+    if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
         import mani_skill.envs  # noqa: F401
+    if env_id not in gym.registry:
+        fail(
+            f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one "
+            "(e.g. PickCube-v1)"
+        )
+    entry = gym.registry[env_id].entry_point
+    entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
+    return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
+
+
+def check_args(args):
+    """Every flag check, before anything slow; resolves --sim-backend/--vector-env and the runtime sizes."""
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // max(args.num_minibatches, 1)
+    args.num_iterations = max(args.total_timesteps, 0) // max(args.batch_size * args.num_action_chunks, 1)
+    checks = [
+        (args.num_envs >= 1, f"--num-envs {args.num_envs}: must be >= 1"),
+        (args.num_eval_envs >= 1, f"--num-eval-envs {args.num_eval_envs}: must be >= 1"),
+        (args.num_steps >= 1, f"--num-steps {args.num_steps}: must be >= 1"),
+        (args.total_timesteps >= 0, f"--total-timesteps {args.total_timesteps}: must be >= 0"),
+        (args.denoising_steps >= 1, f"--denoising-steps {args.denoising_steps}: must be >= 1"),
+        (args.sampler != "cps" or args.denoising_steps >= 2, "--sampler cps needs --denoising-steps >= 2"),
+        (args.hidden_dim >= 1, f"--hidden-dim {args.hidden_dim}: must be >= 1"),
+        (1 <= args.num_action_chunks <= args.action_horizon,
+         f"--num-action-chunks {args.num_action_chunks}: must be in [1, --action-horizon "
+         f"{args.action_horizon}]"),
+        (0 < args.gamma <= 1, f"--gamma {args.gamma}: must be in (0, 1]"),
+        (0 <= args.gae_lambda <= 1, f"--gae-lambda {args.gae_lambda}: must be in [0, 1]"),
+        (args.noise_level >= 0, f"--noise-level {args.noise_level}: must be >= 0"),
+        (args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be >= 1"),
+        (args.num_iterations == 0 or args.num_minibatches >= 1 and args.minibatch_size >= 2,
+         f"--num-envs × --num-steps = {args.batch_size} chunk transitions in --num-minibatches "
+         f"{args.num_minibatches} leave minibatches of {args.minibatch_size}: need >= 2 each"),
+        (args.eval_freq >= 0 and args.eval_episodes >= 0, "--eval-freq and --eval-episodes must be >= 0"),
+        (args.sft_steps >= 0 and args.sft_batch_size >= 1, "--sft-steps must be >= 0, --sft-batch-size >= 1"),
+        (args.num_demos is None or args.num_demos >= 1, f"--num-demos {args.num_demos}: must be >= 1"),
+        (not args.evaluate or args.checkpoint is not None and args.eval_episodes >= 1,
+         "--evaluate needs --checkpoint PATH and --eval-episodes >= 1"),
+        (args.demo_path is None or args.demo_path.endswith(".h5"),
+         f"--demo-path {args.demo_path}: must be a ManiSkill .h5 file"),
+        (args.backbone_path is None or os.path.exists(os.path.join(args.backbone_path, "config.json")),
+         f"--backbone-path {args.backbone_path} has no config.json: pass a save_pretrained dir"),
+    ]  # fmt: skip
+    for ok, msg in checks:
+        if not ok:
+            fail(msg)
+    gpu = torch.cuda.is_available()
+    maniskill = is_maniskill(args.env_id)
+    if args.sim_backend == "auto":
+        args.sim_backend = "physx_cuda" if args.cuda and gpu else "physx_cpu"
+    if args.vector_env == "auto":
+        args.vector_env = "maniskill" if maniskill and args.sim_backend == "physx_cuda" else "gymnasium"
+    n = args.num_eval_envs if args.evaluate else max(args.num_envs, args.num_eval_envs)
+    if not maniskill and args.vector_env == "maniskill":
+        fail(f"--vector-env maniskill needs a ManiSkill id; {args.env_id} is a gymnasium one")
+    if maniskill and args.sim_backend == "physx_cuda" and not gpu:
+        fail("--sim-backend physx_cuda needs a CUDA GPU; none is visible: use --sim-backend physx_cpu")
+    if maniskill and args.sim_backend == "physx_cuda" and args.vector_env == "gymnasium":
+        fail("--sim-backend physx_cuda runs in ManiSkill's batched env: use --vector-env maniskill")
+    if args.vector_env == "maniskill" and args.sim_backend == "physx_cpu" and n > 1:
+        fail("--vector-env maniskill on physx_cpu runs one env: pass --num-envs 1 --num-eval-envs 1")
+    return maniskill
+
+
+def make_maniskill(args, num_envs, video_dir=None):
+    """The one ManiSkill gym.make: a single env for a gymnasium worker, or num_envs in one batched scene."""
+    import mani_skill.envs  # noqa: F401  (registers the ids, in a worker process too)
+
+    env = gym.make(
+        args.env_id, num_envs=num_envs, obs_mode="state", control_mode=args.control_mode,
+        reward_mode=args.reward_mode, max_episode_steps=args.max_episode_steps or 100,
+        sim_backend=args.sim_backend, render_backend="cpu" if args.sim_backend == "physx_cpu" else "gpu",
+        render_mode="rgb_array" if video_dir else None,
+        enhanced_determinism=True,  # else unseeded resets use the process's unseeded torch RNG
+    )  # fmt: skip
+    if video_dir:
+        from mani_skill.utils.wrappers.record import RecordEpisode
+
+        env = RecordEpisode(env, video_dir, save_trajectory=False)
+    return env
+
+
+def make_single_env(args, maniskill, video_dir=None):
+    """One env of gymnasium's AsyncVectorEnv (built in its worker process)."""
+    if maniskill:
+        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+        return CPUGymWrapper(make_maniskill(args, 1, video_dir))
+    env = gym.make(
+        args.env_id, max_episode_steps=args.max_episode_steps, render_mode="rgb_array" if video_dir else None
+    )
+    return gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
+
+
+def make_envs(args, maniskill, num_envs, video_dir=None):
+    """num_envs envs that never autoreset: step_chunk resets the ones that ended, between chunks."""
+    if args.vector_env == "maniskill":
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-        env = gym.make(
-            args.env_id,
-            num_envs=num_envs,
-            obs_mode="state",
-            sim_backend="physx_cuda",
-            control_mode=args.control_mode,
-            reward_mode=args.reward_mode,
-            max_episode_steps=steps,
-            enhanced_determinism=True,
-        )
+        env = make_maniskill(args, num_envs, video_dir)
         return ManiSkillVectorEnv(
             env, num_envs, auto_reset=False, ignore_terminations=False, record_metrics=False
         )
-    fn = partial(make_single_env, args.env_id, kind, args.control_mode, args.reward_mode, steps)
+    videos = [video_dir] + [None] * (num_envs - 1)  # the first env records
+    thunks = [partial(make_single_env, args, maniskill, v) for v in videos]
     return gym.vector.AsyncVectorEnv(
-        [fn] * num_envs, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED
-    )  # spawn: fork hangs once SAPIEN is initialised; no autoreset: step_chunk resets between chunks
+        thunks, context="spawn" if maniskill else "fork", autoreset_mode=gym.vector.AutoresetMode.DISABLED
+    )  # spawn: fork hangs once SAPIEN is initialised
 
 
 def reset_done(envs, done, obs, device):
@@ -555,39 +621,45 @@ def evaluate(agent, envs, args, device):
 
 
 # ---------------------------------------------------------------- demos and checkpoints
-def load_demos(path, num_demos, obs_dim, act_dim, H, control_mode):
-    """ManiSkill h5 → (observations, action chunks of length H padded with the last action, in [-1, 1]
-    by the demos' own per-dimension range, and that range (low, high))."""
-    import json
-
+def read_demos(path, num_demos, control_mode):
+    """ManiSkill h5 → [(obs (L+1, obs_dim), actions (L, act_dim))] of the first num_demos trajectories."""
     import h5py
 
     if not os.path.exists(path):
-        raise SystemExit(
-            f"error: demo file {path} not found: make one with `bash make_demos.sh PickCube-v1 100`"
-        )
+        fail(f"demo file {path} not found: make one with `bash make_demos.sh PickCube-v1 100`")
     meta = path[: -len(".h5")] + ".json"
     if os.path.exists(meta):
         saved = json.load(open(meta)).get("env_info", {}).get("env_kwargs", {}).get("control_mode")
         if saved is not None and saved != control_mode:
-            raise SystemExit(
-                f"error: demos use control_mode {saved!r} but --control-mode is {control_mode!r}"
-            )
+            fail(f"demos use control_mode {saved!r} but --control-mode is {control_mode!r}")
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
+            demos = []
+            for k in keys[:num_demos]:
+                if not {"obs", "actions"} <= set(f[k]):
+                    fail(f"demo file {path}: {k} has {sorted(f[k])}, needs obs and actions")
+                demos.append((np.asarray(f[k]["obs"], np.float32), np.asarray(f[k]["actions"], np.float32)))
+    except (OSError, KeyError, ValueError) as e:
+        fail(f"cannot read demo file {path} ({str(e).splitlines()[0]}): pass a ManiSkill h5 file")
+    if not demos:
+        fail(f"demo file {path} has no traj_* groups")
+    return demos
+
+
+def demo_chunks(demos, obs_dim, act_dim, H):
+    """(observations, action chunks of length H padded with the episode's last action, in [-1, 1] by the
+    demos' own per-dimension range, and that range (low, high))."""
     obs, chunks = [], []
-    with h5py.File(path, "r") as f:
-        keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))[:num_demos]
-        for k in keys:
-            o, a = np.asarray(f[k]["obs"], np.float32), np.asarray(f[k]["actions"], np.float32)
-            if o.ndim != 2 or a.ndim != 2 or o.shape[1] != obs_dim or a.shape[1] != act_dim:
-                raise SystemExit(
-                    f"error: demo {k} has obs {o.shape} / actions {a.shape} but the env has obs "
-                    f"dim {obs_dim} and action dim {act_dim}: use demos recorded for this env"
-                )
-            a = np.concatenate([a, np.repeat(a[-1:], H - 1, 0)])
-            obs.append(o[: len(a) - H + 1])
-            chunks.append(np.stack([a[i : i + H] for i in range(len(a) - H + 1)]))
-    if not keys:
-        raise SystemExit(f"error: no traj_* groups in {path}")
+    for i, (o, a) in enumerate(demos):
+        if o.ndim != 2 or a.ndim != 2 or o.shape[1] != obs_dim or a.shape[1] != act_dim:
+            fail(
+                f"demo traj_{i} has obs {o.shape} / actions {a.shape} but the env has obs dim {obs_dim} "
+                f"and action dim {act_dim}: use demos recorded for this env"
+            )
+        a = np.concatenate([a, np.repeat(a[-1:], H - 1, 0)])
+        obs.append(o[: len(a) - H + 1])
+        chunks.append(np.stack([a[i : i + H] for i in range(len(a) - H + 1)]))
     chunks = torch.as_tensor(np.concatenate(chunks))
     # planned ee deltas are ~0.05 wide in the env's [-1, 1]: at that scale the K-step ODE can't resolve them
     low = chunks.amin((0, 1))
@@ -595,74 +667,80 @@ def load_demos(path, num_demos, obs_dim, act_dim, H, control_mode):
     return torch.as_tensor(np.concatenate(obs)), (chunks - low) / (high - low) * 2 - 1, low, high
 
 
-def save_checkpoint(path, agent, optimizer, args, global_step, iteration):
-    """Model (with its observation statistics and action range), optimiser, args, step: written atomically."""
-    tmp = path + ".tmp"
+def save_checkpoint(path, agent, optimizer, args, global_step, iteration, kstar_rng):
+    """Everything a resume needs, written atomically: model (with its observation statistics and action
+    range), optimiser, args, step, and the RNG states (torch, numpy, python, the k* generator)."""
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    rng |= dict(kstar=kstar_rng.bit_generator.state)
+    rng |= dict(cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     state = dict(
+        script="flow_sde_ppo",
         agent=agent.state_dict(),
         optimizer=optimizer.state_dict(),
         args=vars(args),
         backbone_config=agent.velocity.lm.config.to_dict() if args.backbone == "transformer" else None,
         global_step=global_step,
         iteration=iteration,
+        rng=rng,
     )
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"checkpoint {path}", flush=True)
 
 
-def load_checkpoint(path, obs_dim, act_dim, args):
+def restore_rng(rng, kstar_rng):
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    kstar_rng.bit_generator.state = rng["kstar"]
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_checkpoint(path, args):
+    """The checkpoint at path, if this script wrote it for the same env and architecture; else fail()."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path} not found: pass a file written by this script")
+        fail(f"checkpoint {path} not found: pass a file written by this script")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = ckpt["args"]
-        shapes = ckpt["agent"]["obs_mean"].shape[0], ckpt["agent"]["act_low"].shape[0]
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a flow_sde_ppo checkpoint ({type(e).__name__})") from None
-    want = (obs_dim, act_dim)
-    keys = ("backbone", "action_horizon", "hidden_dim", "denoising_steps")
-    if shapes != want or any(saved[k] != getattr(args, k) for k in keys):
-        raise SystemExit(
-            f"error: checkpoint {path} was made for {saved['env_id']} with obs/action dims {shapes}, "
-            f"{', '.join(f'{k}={saved[k]}' for k in keys)}: pass the same --env-id and flags"
-        )
+        fail(f"{path} is not a torch checkpoint ({type(e).__name__}): pass a file written by this script")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "flow_sde_ppo":
+        who = ckpt.get("script", "another script") if isinstance(ckpt, dict) else "another script"
+        fail(f"{path} is a checkpoint of {who}, not of flow_sde_ppo: pass a file written by this script")
+    saved = ckpt["args"]
+    keys = ("env_id", "control_mode", "backbone", "action_horizon", "hidden_dim", "denoising_steps")
+    wrong = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in keys if saved[k] != getattr(args, k))
+    if wrong:
+        fail(f"checkpoint {path} was made for {saved['env_id']} with {wrong}: pass the same flags")
     return ckpt
 
 
 # ---------------------------------------------------------------- main
 def main(args):
-    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
-        raise SystemExit(f"error: checkpoint {args.checkpoint} not found: pass a file written by this script")
-    if args.num_action_chunks > args.action_horizon:
-        raise SystemExit("error: --num-action-chunks must be <= --action-horizon")
-    if args.evaluate and (args.checkpoint is None or args.eval_episodes < 1):
-        raise SystemExit("error: --evaluate needs --checkpoint PATH and --eval-episodes >= 1")
-    if args.backbone_path is not None and not os.path.exists(os.path.join(args.backbone_path, "config.json")):
-        raise SystemExit(
-            f"error: --backbone-path {args.backbone_path} has no config.json: pass a save_pretrained dir"
-        )
+    maniskill = check_args(args)
+    ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, args)
+    demos = None
+    if ckpt is None and args.demo_path is not None:
+        demos = read_demos(args.demo_path, args.num_demos, args.control_mode)
+    if args.seed is None:
+        args.seed = 1 if ckpt is None else ckpt["args"]["seed"]
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    kind = env_kind(args.env_id)
-    envs = make_vector_env(args, kind, args.num_eval_envs if args.evaluate else args.num_envs, device)
+    envs = make_envs(args, maniskill, args.num_eval_envs if args.evaluate else args.num_envs)
     space, obs_shape = envs.single_action_space, envs.single_observation_space.shape
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1 or len(obs_shape) != 1:
         envs.close()
-        raise SystemExit(
-            f"error: {args.env_id} has action space {space} / obs {obs_shape}: "
-            "this script needs a flat Box action space and flat observations"
-        )
+        fail(f"{args.env_id} has action space {space} / obs {obs_shape}: this script needs flat Box spaces")
     obs_dim, act_dim = obs_shape[0], space.shape[0]
+    if demos is not None:
+        demo_obs, demo_chunk, act_low, act_high = demo_chunks(demos, obs_dim, act_dim, args.action_horizon)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    steps_per_iter = args.num_envs * args.num_steps * args.num_action_chunks
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = max(args.batch_size // args.num_minibatches, 1)
-    args.num_iterations = args.total_timesteps // steps_per_iter  # 0: SFT (and its evaluation) only
+    kstar_rng = np.random.default_rng(args.seed)  # the two-layer MDP's k*
 
-    ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, obs_dim, act_dim, args)
     agent = Agent(
         obs_dim, act_dim, args.action_horizon, args.hidden_dim, args.backbone, args.backbone_path,
         ckpt and ckpt["backbone_config"],
@@ -674,78 +752,91 @@ def main(args):
         ],
         eps=1e-5,
     )
-    agent.act_low.copy_(torch.as_tensor(space.low)), agent.act_high.copy_(torch.as_tensor(space.high))
+    agent.act_low.copy_(torch.as_tensor(space.low))
+    agent.act_high.copy_(torch.as_tensor(space.high))
     global_step, start_iter = 0, 1
     if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
         global_step, start_iter = ckpt["global_step"], ckpt["iteration"] + 1
-    elif args.demo_path is not None:
-        demo_obs, demo_chunks, act_low, act_high = load_demos(
-            args.demo_path, args.num_demos, obs_dim, act_dim, args.action_horizon, args.control_mode
-        )
-        agent.obs_mean.copy_(demo_obs.mean(0)), agent.obs_std.copy_(demo_obs.std(0).clamp_min(1e-2))
-        agent.act_low.copy_(act_low), agent.act_high.copy_(act_high)
+    elif demos is not None:
+        agent.obs_mean.copy_(demo_obs.mean(0))
+        agent.obs_std.copy_(demo_obs.std(0).clamp_min(1e-2))
+        agent.act_low.copy_(act_low)
+        agent.act_high.copy_(act_high)
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.evaluate:
         res = evaluate(agent, envs, args, device)
-        print(f"eval {args.checkpoint}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
         envs.close()
+        print(f"eval step {global_step}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
+        stem = args.checkpoint[: -len(".pt")] if args.checkpoint.endswith(".pt") else args.checkpoint
+        with open(stem + ".eval.json", "w") as f:
+            json.dump(dict(res, checkpoint=args.checkpoint, global_step=global_step, seed=args.seed,
+                           eval_episodes=args.eval_episodes), f, indent=1)  # fmt: skip
         return res
+    if ckpt is not None:
+        restore_rng(ckpt["rng"], kstar_rng)
 
     from torch.utils.tensorboard import SummaryWriter
 
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
-    ckpt_dir = f"runs/{run_name}"
-    print(
-        f"run {run_name}: obs {obs_dim}, act {act_dim}, device {device}, {args.num_iterations} iterations",
-        flush=True,
-    )
+    backend = args.sim_backend if maniskill else "cpu"
+    banner = f"run {run_dir} | env {args.env_id} ({backend}, {args.vector_env}) | device {device}"
+    print(banner + (f" | demos {len(demo_obs)} transitions" if demos is not None else ""), flush=True)
+    if ckpt is not None:
+        print(f"resumed {args.checkpoint} at step {global_step}", flush=True)
+    ckpt_path = f"{run_dir}/ckpt.pt"
+    last_ckpt = args.checkpoint if ckpt is not None else None
 
-    eval_envs, eval_time = [], 0.0
+    eval_envs = []
 
     def log_eval(step):
-        nonlocal eval_time
         if args.eval_episodes < 1:
             return
-        t0 = time.time()
-        if not eval_envs:  # made on first use: smoke runs without evaluation spawn no extra simulators
-            eval_envs.append(make_vector_env(args, kind, args.num_eval_envs, device))
+        if not eval_envs:  # made on first use: runs without evaluation spawn no extra simulators
+            video_dir = f"{run_dir}/videos" if args.capture_video else None
+            eval_envs.append(make_envs(args, maniskill, args.num_eval_envs, video_dir))
         res = evaluate(agent, eval_envs[0], args, device)
         for k, v in res.items():
             writer.add_scalar(f"eval/{k}", v, step)
-        print(f"eval step={step} " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
-        eval_time += time.time() - t0
+        print(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
 
     # SFT: flow-matching behaviour cloning on the demos
-    if args.checkpoint is None and args.demo_path is not None and args.sft_steps > 0:
+    if demos is not None and args.sft_steps > 0:
         sft_opt = torch.optim.Adam(agent.velocity.parameters(), lr=args.sft_lr)
-        demo_obs, demo_chunks = agent.normalize(demo_obs.to(device)), demo_chunks.to(device)
+        demo_obs, demo_chunk = agent.normalize(demo_obs.to(device)), demo_chunk.to(device)
         t0 = time.time()
         for i in range(1, args.sft_steps + 1):
             mb = torch.randint(0, demo_obs.shape[0], (args.sft_batch_size,), device=device)
-            loss = sft_loss(agent, demo_obs[mb], demo_chunks[mb])
+            loss = sft_loss(agent, demo_obs[mb], demo_chunk[mb])
+            if not torch.isfinite(loss):
+                fail(f"non-finite sft_loss at SFT step {i}; last good checkpoint: none")
             sft_opt.zero_grad()
             loss.backward()
             sft_opt.step()
             if i % 500 == 0 or i == args.sft_steps:
                 writer.add_scalar("losses/sft_loss", loss.item(), i)
-                print(f"sft step={i} loss={loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+                line = f"sft step {i}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f} s"
+                print(line, flush=True)
         if args.save_model:
-            save_checkpoint(f"{ckpt_dir}/sft_ckpt.pt", agent, optimizer, args, 0, 0)
-    if args.eval_every > 0 and start_iter == 1 <= args.num_iterations:  # (0 iterations: the final eval)
+            last_ckpt = f"{run_dir}/sft.pt"
+            save_checkpoint(last_ckpt, agent, optimizer, args, 0, 0, kstar_rng)
+    steps_per_iter = args.batch_size * args.num_action_chunks
+    eval_iters = max(round(args.eval_freq / steps_per_iter), 1) if args.eval_freq > 0 else 0
+    if eval_iters and start_iter == 1 <= args.num_iterations:  # (0 iterations: the final eval only)
         log_eval(global_step)
 
     T, N, K = args.num_steps, args.num_envs, args.denoising_steps
-    S = len(stochastic_steps(K, args.sde_steps, args.ignore_last, args.sampler, np.random.default_rng(0)))
+    S = len(stochastic_steps(K, args.sde_steps, args.sampler, np.random.default_rng(0)))
     buf = dict(
         obs=torch.zeros(T, N, obs_dim, device=device),
         chain=torch.zeros(T, N, K + 1, args.action_horizon, act_dim, device=device),
@@ -758,23 +849,23 @@ def main(args):
         rewards=torch.zeros(T, N, device=device),
         dones=torch.zeros(T, N, device=device),
     )
-    rng = np.random.default_rng(args.seed)
-    next_obs, _ = envs.reset(seed=args.seed)
+    # a resumed run restarts the episodes exactly as the unbroken run does after each checkpoint (below)
+    next_obs, _ = envs.reset(seed=args.seed + global_step)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     ep = new_episode_stats(N, device)
-    start_time, start_step, eval_time = time.time(), global_step, 0.0
 
     for iteration in range(start_iter, args.num_iterations + 1):
-        a = noise_level_at(iteration - 1, args.noise_level, args.noise_level_end, args.noise_anneal_iters)
+        t_iter = time.time()
         finished_all = []
         agent.eval()
         for step in range(T):
             o = agent.normalize(next_obs)
-            ks = stochastic_steps(K, args.sde_steps, args.ignore_last, args.sampler, rng)
+            ks = stochastic_steps(K, args.sde_steps, args.sampler, kstar_rng)
             with torch.no_grad():
-                chain, logp = agent.sample(o, K, ks, a, args.sampler)
+                chain, logp = agent.sample(o, K, ks, args.noise_level, args.sampler)
                 buf["values"][step] = agent.value(o)
-            buf["obs"][step], buf["chain"][step] = o, chain
+            buf["obs"][step] = o
+            buf["chain"][step] = chain
             buf["idx"][step] = torch.tensor(ks, device=device)
             buf["logp"][step] = reduce_log_prob(logp, args.num_action_chunks, args.logprob_type)
             acts = agent.to_env(chain[:, -1, : args.num_action_chunks])
@@ -783,7 +874,8 @@ def main(args):
             if trunc.any():  # bootstrap truncated episodes with the value of their last observation
                 with torch.no_grad():
                     reward = reward + args.gamma * agent.value(agent.normalize(end_obs)) * (trunc & ~term)
-            buf["rewards"][step], buf["dones"][step] = reward, (term | trunc).float()
+            buf["rewards"][step] = reward
+            buf["dones"][step] = (term | trunc).float()
             finished_all += finished
         with torch.no_grad():
             next_value = agent.value(agent.normalize(next_obs))
@@ -791,21 +883,26 @@ def main(args):
             buf["rewards"], buf["values"], buf["dones"], next_value, args.gamma, args.gae_lambda
         )
         b = {k: v.flatten(0, 1) for k, v in buf.items()}
-        b["adv"], b["returns"] = adv.flatten(), returns.flatten()
+        b["adv"] = adv.flatten()
+        b["returns"] = returns.flatten()
 
         agent.train()
         t_update = time.time()
-        stats = ppo_update(agent, optimizer, b, args, a, update_policy=iteration > args.critic_warmup)
+        try:
+            stats = ppo_update(agent, optimizer, b, args, update_policy=iteration > args.critic_warmup_iters)
+        except FloatingPointError as e:
+            fail(f"non-finite {e} at step {global_step}; last good checkpoint: {last_ckpt or 'none'}")
         t_update = time.time() - t_update
 
-        sps = int((global_step - start_step) / (time.time() - start_time - eval_time))
+        sps = int(steps_per_iter / (time.time() - t_iter))
+        eta = (args.num_iterations - iteration) * steps_per_iter / max(sps, 1) / 60
         writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/noise_level", a, global_step)
         writer.add_scalar("charts/update_time", t_update, global_step)
         for k, v in stats.items():
             writer.add_scalar(f"losses/{k}", v, global_step)
-        line = f"iter={iteration} step={global_step} SPS={sps} update={t_update:.2f}s"
+        line = f"step {global_step}/{args.num_iterations * steps_per_iter} | {sps} steps/s | ETA {eta:.0f}m"
         if finished_all:
+            line += " | train episodes (end at success):"
             for k in finished_all[0][1]:
                 val = float(np.mean([e[k] for _, e in finished_all]))
                 writer.add_scalar(
@@ -813,13 +910,16 @@ def main(args):
                 )
                 line += f" {k}={val:.3f}"
         print(line, flush=True)
-        if args.eval_every > 0 and iteration % args.eval_every == 0 and iteration != args.num_iterations:
+        if iteration == args.num_iterations or eval_iters and iteration % eval_iters == 0:
             log_eval(global_step)
-        if args.save_model and (iteration % args.checkpoint_every == 0 or iteration == args.num_iterations):
-            name = "final_ckpt.pt" if iteration == args.num_iterations else f"ckpt_{iteration}.pt"
-            save_checkpoint(f"{ckpt_dir}/{name}", agent, optimizer, args, global_step, iteration)
-            print(f"saved {ckpt_dir}/{name}", flush=True)
-    log_eval(global_step)
+            if args.save_model:
+                save_checkpoint(ckpt_path, agent, optimizer, args, global_step, iteration, kstar_rng)
+                last_ckpt = ckpt_path
+            next_obs, _ = envs.reset(seed=args.seed + global_step)  # what a resume from here does too
+            next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            ep = new_episode_stats(N, device)
+    if args.num_iterations < start_iter:  # nothing to train (SFT only, or a finished run): still evaluate
+        log_eval(global_step)
     for e in [envs, *eval_envs]:
         e.close()
     writer.close()

@@ -44,7 +44,7 @@ def time_update(K, hidden, sde_steps, repeats, obs_dim=42, act_dim=4):
     agent = F.Agent(obs_dim, act_dim, args.action_horizon, hidden)
     opt = torch.optim.Adam(agent.parameters(), lr=1e-5)
     rng, o = np.random.default_rng(0), torch.randn(args.batch_size, obs_dim)
-    ks = [F.stochastic_steps(K, sde_steps, False, "sde", rng) for _ in range(args.batch_size)]
+    ks = [F.stochastic_steps(K, sde_steps, "sde", rng) for _ in range(args.batch_size)]
     idx = torch.tensor(ks)
     chains, logps = [], []
     for i in range(args.batch_size):  # each sample with its own k*, as in a rollout of many chunk steps
@@ -55,11 +55,11 @@ def time_update(K, hidden, sde_steps, repeats, obs_dim=42, act_dim=4):
         values = agent.value(o)
     b = dict(obs=o, chain=torch.cat(chains), idx=idx, logp=torch.cat(logps), values=values)
     b["adv"], b["returns"] = torch.randn(args.batch_size), values + torch.randn(args.batch_size)
-    F.ppo_update(agent, opt, b, args, args.noise_level)  # warm-up
+    F.ppo_update(agent, opt, b, args)  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        F.ppo_update(agent, opt, b, args, args.noise_level)
+        F.ppo_update(agent, opt, b, args)
         times.append(time.perf_counter() - t0)
     actor = []
     for _ in range(repeats):  # the part that scales with the number of recomputed steps: log-prob fwd + bwd
