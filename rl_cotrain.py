@@ -364,7 +364,7 @@ class ShiftWrapper(gym.Wrapper):
         base, options = self.env.unwrapped, dict(options or {})
         partial_reset = "env_idx" in options
         if (self.shift["cube_mass"], self.shift["cube_friction"]) != self.built and not partial_reset:
-            options["reconfigure"] = True
+            options["reconfigure"] = True  # the new mass and friction take effect in a new scene
         obs, info = self.env.reset(seed=seed, options=options)
         shape = (self.shift["action_delay"], base.num_envs, base.single_action_space.shape[0])
         if partial_reset:
@@ -431,8 +431,10 @@ class VecEnv:
     def set_shift(self, shift: dict):
         self.envs.call("set_shift", shift)
 
-    def reset(self, seeds: list[int]) -> torch.Tensor:
-        return self._t(self.envs.reset(seed=seeds)[0])
+    def reset(self, seeds: list[int], rebuild=False) -> torch.Tensor:
+        """rebuild: in a new scene, where a seeded episode replays exactly (PhysX keeps contact state across
+        resets, so after other episodes the same seed can play out differently once objects touch)."""
+        return self._t(self.envs.reset(seed=seeds, options={"reconfigure": rebuild})[0])
 
     def step(self, action: torch.Tensor):
         """-> obs, reward, terminated, truncated, success (tensors on the device)."""
@@ -584,7 +586,7 @@ def evaluate(policy, envs: VecEnv, shift: dict, n: int, seed: int) -> dict:
     generator = torch.Generator(envs.device).manual_seed(seed)
     stats = {"success_once": [], "success_at_end": [], "return": []}
     for start in range(0, n, envs.num_envs):
-        o = envs.reset([seed + start + i for i in range(envs.num_envs)])
+        o = envs.reset([seed + start + i for i in range(envs.num_envs)], rebuild=start == 0)
         ret = torch.zeros(envs.num_envs, device=envs.device)
         once = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
         while True:
@@ -869,7 +871,7 @@ def main(args: Args):
     set_rng_states(
         rng_at_ckpt
     )  # exact resume: the random state of the checkpoint, however long the envs took
-    next_obs = envs.reset([args.seed + global_step + i for i in range(N)])
+    next_obs = envs.reset([args.seed + global_step + i for i in range(N)], rebuild=True)
     for iteration in range(start_iter + 1, args.num_iterations + 1):
         t_iter, finished = time.time(), []
         for t in range(T):
@@ -945,7 +947,7 @@ def main(args: Args):
             log_eval(global_step)
             checkpoint(["ckpt.pt"], iteration)
             if iteration < args.num_iterations:  # where a run resumed from this checkpoint starts
-                next_obs = envs.reset([args.seed + global_step + i for i in range(N)])
+                next_obs = envs.reset([args.seed + global_step + i for i in range(N)], rebuild=True)
                 ep_return.zero_()
                 ep_success.zero_()
     envs.close()

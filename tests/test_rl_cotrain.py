@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, read_scalars, run_script, snapshot
 import rl_cotrain as rc
 
 CPU = torch.device("cpu")
-TINY = ["--max-episode-steps", "50", "--eval-episodes", "1", "--real-demos", "2", "--sft-steps", "20",
+TINY = ["--max-episode-steps", "30", "--eval-episodes", "1", "--real-demos", "2", "--sft-steps", "20",
         "--sft-batch-size", "64", "--hidden-dim", "32", "--critic-warmup-iters", "1", "--update-epochs", "1",
         "--eval-shift", "", "--no-cuda", "--num-envs", "1", "--num-eval-envs", "1"]  # fmt: skip
 
@@ -222,7 +222,7 @@ def test_expert_solves_task_in_its_domains_and_real_only_runs(env_id, domains, c
     finally:
         envs.close()
     # end to end: real demos from the task's expert, Stage I, evaluation (real-only needs no sim demos)
-    _run(capsys, "--env-id", env_id, "--mode", "real-only", "--exp-name", "test_rlco")
+    _run(capsys, "--env-id", env_id, "--mode", "real-only", "--max-episode-steps", "50", "--exp-name", "rlco")
 
 
 @pytest.fixture(scope="module")
