@@ -356,18 +356,20 @@ class Agent(nn.Module):
         return self.act_low + (x.clamp(-1, 1) + 1) / 2 * (self.act_high - self.act_low)
 
     @torch.no_grad()
-    def sample(self, o, K, stochastic, a, sampler):
+    def sample(self, o, K, stochastic, a, sampler, generator=None):
         """Runs the K-step chain from x_{t=1} ~ N(0, I); steps in `stochastic` use the SDE/CPS step.
         Returns the chain (B, K+1, H, A) and the stochastic steps' log-probs (B, S, H, A)."""
         t = time_grid(K).to(o)
-        x = torch.randn(o.shape[0], *self.shape, device=o.device, dtype=o.dtype)
+        shape = (o.shape[0], *self.shape)
+        randn = partial(torch.randn, shape, device=o.device, dtype=o.dtype, generator=generator)
+        x = randn()
         sigma = flow_sde_sigma(t, a)
         chain, logps = [x], []
         for k in range(K):
             v = self.v(x, t[k], o)
             step = sampler if k in stochastic else "ode"
             mu, std = denoise_step(x, v, t[k], t[k] - t[k + 1], sigma[k], a, step)
-            x = mu + std * torch.randn_like(x) if k in stochastic else mu
+            x = mu + std * randn() if k in stochastic else mu
             if k in stochastic:
                 logps.append(gaussian_log_prob(x, mu, std))
             chain.append(x)
@@ -604,14 +606,16 @@ def new_episode_stats(n, device):
 @torch.no_grad()
 def evaluate(agent, envs, args, device):
     """Deterministic ODE sampling (no stochastic step); each env plays its first ceil(E/N) episodes, so
-    short (often successful) episodes are not over-counted."""
+    short (often successful) episodes are not over-counted. Envs and the chains' initial noise are seeded with
+    seed + 10000: a checkpoint's --evaluate repeats the evaluation its run logged."""
+    gen = torch.Generator(device).manual_seed(args.seed + 10_000)
     obs, _ = envs.reset(seed=args.seed + 10_000)
     obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
     n = obs.shape[0]
     m = -(-args.eval_episodes // n)
     ep, done_eps = new_episode_stats(n, device), [[] for _ in range(n)]
     while min(len(d) for d in done_eps) < m:
-        chain, _ = agent.sample(agent.normalize(obs), args.denoising_steps, [], 0.0, "ode")
+        chain, _ = agent.sample(agent.normalize(obs), args.denoising_steps, [], 0.0, "ode", gen)
         acts = agent.to_env(chain[:, -1, : args.num_action_chunks])
         obs, _, _, _, _, finished = step_chunk(envs, acts, ep, device)
         for i, e in finished:

@@ -457,7 +457,7 @@ def test_batched_env_path_on_cpu_train_resume_evaluate(pickcube_demos, monkeypat
     common = ["--env-id", "PickCube-v1", "--sim-backend", "physx_cpu", "--vector-env", "maniskill",
               "--num-envs", "1", "--num-eval-envs", "1", "--max-episode-steps", "20", "--hidden-dim", "32",
               "--num-steps", "4", "--num-minibatches", "2", "--eval-episodes", "1",
-              "--eval-freq", "100"]  # fmt: skip
+              "--eval-freq", "100", "--reward-mode", "normalized_dense"]  # fmt: skip
     first = ["--demo-path", str(pickcube_demos), "--sft-steps", "5", "--seed", "3"]
     F.main(tyro.cli(F.Args, args=[*common, *first, "--total-timesteps", "200", "--exp-name", "batched"]))
     out = capsys.readouterr().out
@@ -474,7 +474,7 @@ def test_batched_env_path_on_cpu_train_resume_evaluate(pickcube_demos, monkeypat
     saved = json.loads((run_dir / "ckpt.eval.json").read_text())
     assert saved["seed"] == 3 and saved["global_step"] == 300
     last_eval = {k[5:]: v[-1][1] for k, v in read_scalars(run_dir).items() if k.startswith("eval/")}
-    assert res == {k: saved[k] for k in res} == last_eval
+    assert res == {k: saved[k] for k in res} == last_eval and 0 < res["return"] < 20  # a dense return
 
 
 def _ckpt(stdout):
