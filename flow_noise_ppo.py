@@ -797,8 +797,8 @@ def main(args: Args):
 
     dims = task_obs_dims(args, tasks) if len(tasks) > 1 else None  # one task: no padding, no token
     tokens = [(k, len(tasks), max(dims)) for k in range(len(tasks))] if dims else [None]
-    video_dir = str(run_dir / "videos") if args.capture_video and not args.evaluate else None
-    eval_envs = VecEnv(args, args.num_eval_envs, device, video_dir, tokens)
+    video_dir = str((Path(args.checkpoint).parent if args.evaluate else run_dir) / "videos")
+    eval_envs = VecEnv(args, args.num_eval_envs, device, video_dir if args.capture_video else None, tokens)
     envs = None if args.evaluate else VecEnv(args, args.num_envs, device, tokens=tokens)
     try:
         return train(args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, run_dir)
