@@ -334,25 +334,20 @@ class ShiftWrapper(gym.Wrapper):
         self.rng = torch.Generator(base.device)
         load_scene = base._load_scene
 
-        def load_shifted_scene(options):
+        def load_shifted_scene(options):  # ManiSkill builds every new scene with base._load_scene
             load_scene(options)
             self.built = (self.shift["cube_mass"], self.shift["cube_friction"])
-            if self.built == (1.0, 1.0):
+            if self.built == (1.0, 1.0):  # the nominal scene stays exactly ManiSkill's
                 return
-            import sapien
-
+            mass, friction = self.built
             for body in (
                 b for name in self.OBJECTS if hasattr(base, name) for b in getattr(base, name)._bodies
             ):
-                body.mass = body.mass * self.shift["cube_mass"]
+                body.mass = body.mass * mass
                 for shape in body.collision_shapes:
                     m = shape.physical_material
-                    f = self.shift["cube_friction"]
-                    shape.set_physical_material(
-                        sapien.physx.PhysxMaterial(
-                            m.static_friction * f, m.dynamic_friction * f, m.restitution
-                        )
-                    )
+                    fs, fd = m.static_friction * friction, m.dynamic_friction * friction
+                    shape.set_physical_material(type(m)(fs, fd, m.restitution))
 
         base._load_scene = load_shifted_scene
         self.set_shift(shift)
@@ -672,14 +667,10 @@ def check_args(args: Args) -> dict | None:
         fail(f"--seed {args.seed}: evaluation would replay the real demos' layouts: use --seed >= 1")
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = (
-        0 if args.mode in ("real-only", "sft-cotrain") else args.total_timesteps // args.batch_size
-    )
-    if (
-        args.num_iterations > (ckpt["iteration"] if ckpt else 0)
-        and args.minibatch_size < 2
-        and not args.evaluate
-    ):
+    sft_only = args.mode in ("real-only", "sft-cotrain")
+    args.num_iterations = 0 if sft_only else args.total_timesteps // args.batch_size
+    stage_two = args.num_iterations > (ckpt["iteration"] if ckpt else 0) and not args.evaluate
+    if stage_two and args.minibatch_size < 2:
         fail(f"--num-envs x --num-steps / --num-minibatches = {args.batch_size / args.num_minibatches:g}: "
              "a minibatch needs >= 2 samples (its advantages are standardised)")  # fmt: skip
 
@@ -692,11 +683,8 @@ def check_args(args: Args) -> dict | None:
         fail("--sim-backend physx_cuda needs a CUDA GPU: use --sim-backend physx_cpu")
     if args.sim_backend == "physx_cuda" and args.vector_env == "gymnasium":
         fail("--vector-env gymnasium runs one physx_cpu simulator per process: use --sim-backend physx_cpu")
-    if (
-        args.vector_env == "maniskill"
-        and args.sim_backend == "physx_cpu"
-        and max(args.num_envs, args.num_eval_envs) > 1
-    ):
+    one_scene = args.vector_env == "maniskill" and args.sim_backend == "physx_cpu"
+    if one_scene and max(args.num_envs, args.num_eval_envs) > 1:
         fail("--vector-env maniskill on physx_cpu simulates one env: pass --num-envs 1 --num-eval-envs 1")
     if not is_maniskill(args.env_id):
         fail(f"--env-id {args.env_id} is not a ManiSkill3 task: use one of {', '.join(EXPERTS)}")
@@ -744,13 +732,10 @@ def main(args: Args):
             critic_opt.load_state_dict(ckpt["critic_opt"])
         except (RuntimeError, ValueError, KeyError):
             eval_envs.close()
-            fail(
-                f"{args.checkpoint} does not fit these networks: pass its --hidden-dim and --denoising-steps"
-            )
+            fail(f"{args.checkpoint} does not fit these networks: pass its --hidden-dim, --denoising-steps")
+        # this run's learning rates, not the saved run's (RL from an SFT checkpoint)
         for opt, lr in ((actor_opt, args.learning_rate), (critic_opt, args.critic_learning_rate)):
-            for (
-                group
-            ) in opt.param_groups:  # this run's flags, not the saved run's (RL from an SFT checkpoint)
+            for group in opt.param_groups:
                 group["lr"] = lr
         start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
 

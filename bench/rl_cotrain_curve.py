@@ -3,9 +3,9 @@
 usage: python bench/rl_cotrain_curve.py LOG_DIR
 LOG_DIR holds {mode}_n{N}_s{seed}.log, the stdout of
     python rl_cotrain.py --mode real-only --seed S --real-demos N ...
-    python rl_cotrain.py --mode rl-co --seed S --real-demos N --total-timesteps 12000 --eval-freq 1000 ...
+    python rl_cotrain.py --mode rl-co --seed S --real-demos N --total-timesteps 12000 --eval-freq 12000 ...
 each ending with a line "DONE rc=0 ...". An rl-co run does Stage I (SFT on the sim/real mixture, exactly what
---mode sft-cotrain does) and prints "eval step=0 ..." before Stage II: that line is the sft-cotrain result,
+--mode sft-cotrain does) and prints "eval step 0: ..." before Stage II: that line is the sft-cotrain result,
 its last eval line the rl-co result. The 20-demo points come from results/rl_cotrain/runs.csv (the table's
 runs). Writes results/rl_cotrain/{curve_runs.csv, curve_summary.csv, real_demos_curve.png}.
 """

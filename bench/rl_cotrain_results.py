@@ -2,9 +2,9 @@
 
 usage: python bench/rl_cotrain_results.py LOG_DIR [OUT_DIR]   (OUT_DIR defaults to results/rl_cotrain)
 LOG_DIR holds {mode}_s{seed}.log, the stdout of `python rl_cotrain.py --mode MODE --seed SEED ...` followed
-by a line "DONE rc=0 ..."; the last "eval step=..." line of each log is its result. rl-co and rl-sim-only
+by a line "DONE rc=0 ..."; the last "eval step ..." line of each log is its result. rl-co and rl-sim-only
 either resume Stage II from the sft-cotrain checkpoint of the same seed (their shared Stage I), or run both
-stages: then their "eval step=0" line (after Stage I, the same as --mode sft-cotrain) is also the sft-cotrain
+stages: then their "eval step 0:" line (after Stage I, the same as --mode sft-cotrain) is also the sft-cotrain
 result of that seed, unless LOG_DIR has an sft-cotrain log for it.
 """
 
@@ -19,14 +19,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-EVAL = re.compile(r"^eval step=(\d+) (.*)$")
+EVAL = re.compile(r"^eval step[= ](\d+):? (.*)$")  # "eval step 0: ..." (and older logs' "eval step=0 ...")
 ENV = re.compile(r"--env-id (\S+)")  # searched in a log's first line, the command
 DOMAINS = ("sim", "real", "eval_shift")
 METHODS = ("real-only", "sft-cotrain", "rl-co", "rl-sim-only")
 
 
 def evals(text: str):
-    """The (step, {domain: success}) of every "eval step=..." line of a log."""
+    """The (step, {domain: success}) of every "eval step ..." line of a log."""
     out = []
     for line in text.splitlines():
         m = EVAL.match(line)

@@ -46,9 +46,10 @@ def test_chain_log_prob_matches_step_by_step_gaussians():
 def test_sampler_draws_the_chains_that_chain_log_prob_scores():
     """Chains from sample_chain (the rollout sampler), residuals standardised by chain_gaussians (the scorer's
     mu_k, sigma_k) must be N(0, 1), and E[grad_theta log pi(chain)] = 0 (the score-function identity)."""
-    policy = tiny_policy(seed=1, K=4, sigma_max=0.5)
-    with torch.no_grad():  # a velocity that changes fast with tau, so a wrong time grid moves mu_k visibly
+    policy = tiny_policy(seed=1, K=4, sigma_max=0.2)
+    with torch.no_grad():  # a large velocity that changes fast with tau: a wrong time grid moves mu_k visibly
         policy.v[0].weight[:, -1].mul_(30.0)
+        policy.v[-1].weight.mul_(10.0)
     torch.manual_seed(2)
     o = torch.randn(16, 6).repeat_interleave(1250, 0)  # 20k chains over 16 observations
     chain = rc.sample_chain(policy, o)
