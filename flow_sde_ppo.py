@@ -710,7 +710,8 @@ def load_checkpoint(path, args):
     except Exception as e:
         fail(f"{path} is not a torch checkpoint ({type(e).__name__}): pass a file written by this script")
     if not isinstance(ckpt, dict) or ckpt.get("script") != "flow_sde_ppo":
-        who = ckpt.get("script", "another script") if isinstance(ckpt, dict) else "another script"
+        who = ckpt.get("script") if isinstance(ckpt, dict) else None
+        who = who or "another script or an older version of this one"
         fail(f"{path} is a checkpoint of {who}, not of flow_sde_ppo: pass a file written by this script")
     saved = ckpt["args"]
     keys = ("env_id", "control_mode", "backbone", "action_horizon", "hidden_dim", "denoising_steps")
