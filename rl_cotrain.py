@@ -853,9 +853,8 @@ def main(args: Args):
     chain_b = torch.zeros(T, N, K + 1, act_dim, device=device)
     logp_b, rew_b, done_b, val_b = (torch.zeros(T, N, device=device) for _ in range(4))
     ep_return, ep_success = torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device)
-    set_rng_states(
-        rng_at_ckpt
-    )  # exact resume: the random state of the checkpoint, however long the envs took
+    # exact resume: the random state of the checkpoint, whatever building the envs drew
+    set_rng_states(rng_at_ckpt)
     next_obs = envs.reset([args.seed + global_step + i for i in range(N)], rebuild=True)
     for iteration in range(start_iter + 1, args.num_iterations + 1):
         t_iter, finished = time.time(), []
