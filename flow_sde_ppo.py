@@ -44,6 +44,7 @@ PPO: r = exp(log π_θ − log π_old), L_π = −E[min(r·Â, clip(r, 1 ± ε)�
 the chunk's summed reward; value loss max(Huber(V − R), Huber(V_clip − R)); no entropy bonus.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -496,6 +497,8 @@ def check_args(args):
         fail("--sim-backend physx_cuda runs in ManiSkill's batched env: use --vector-env maniskill")
     if args.vector_env == "maniskill" and args.sim_backend == "physx_cpu" and n > 1:
         fail("--vector-env maniskill on physx_cpu runs one env: pass --num-envs 1 --num-eval-envs 1")
+    if args.capture_video and not maniskill and importlib.util.find_spec("moviepy") is None:
+        fail("--capture-video of a gymnasium env needs moviepy: pip install moviepy")
     return maniskill
 
 
