@@ -31,7 +31,60 @@ class Mutant:
 
 
 MUTANTS: list[Mutant] = [
+    # sac_flow
+    Mutant("sac_flow", "rollout time grid (k+1)/K instead of k/K", "self.velocity(k * dt, xs[-1], e_s)", "self.velocity((k + 1) * dt, xs[-1], e_s)", "time_grid"),
+    Mutant("sac_flow", "rollout adds sigma^2 eps while the log-prob scores N(mu, sigma^2)", "mu + sigma * eps[k + 1]", "mu + sigma**2 * eps[k + 1]", "sampler_draws or score_function"),
+    Mutant("sac_flow", "log-prob drops log N(x_0; 0, I)", "return normal_log_prob(xs[0], 0.0, 1.0) + normal_log_prob(xs[1:], mus, sigma).sum(0)", "return normal_log_prob(xs[1:], mus, sigma).sum(0)", "log_prob_matches"),
+    Mutant("sac_flow", "log-prob drops the tanh log-det", "return chain_log_prob(xs, mus, sigma) - squash(xs[-1], c, torch.zeros_like(c))[1]", "return chain_log_prob(xs, mus, sigma)", "log_prob_matches"),
+    Mutant("sac_flow", "scorer uses sigma^2 as the std", "normal_log_prob(xs[1:], mus, sigma).sum(0)", "normal_log_prob(xs[1:], mus, sigma**2).sum(0)", "log_prob_matches"),
+    Mutant("sac_flow", "actor loss: + min Q instead of - min Q", "return (alpha * log_pi - torch.min(q1, q2)).mean()", "return (alpha * log_pi + torch.min(q1, q2)).mean()", "loss_values"),
+    Mutant("sac_flow", "soft-Q target: + alpha log pi instead of - alpha log pi", "(torch.min(q1_next, q2_next) - alpha * log_pi_next)", "(torch.min(q1_next, q2_next) + alpha * log_pi_next)", "loss_values"),
+    Mutant("sac_flow", "resume does not restore the RNG states", "        set_rng_state(ckpt[\"rng\"], act_space)\n", "", "resumed"),
+    Mutant("sac_flow", "no env reset after a checkpoint", "            obs, _ = envs.reset(seed=args.seed + step)  # a run resumed from here starts with this same reset\n", "", "resumed"),
+    Mutant("sac_flow", "warm-up actions from an unseeded action space", "act_space.seed(args.seed)  # the warm-up's random actions", "act_space.seed()", "same_seed"),
+    # reinflow
+    Mutant("reinflow", "sampler grid k/(K-1) while the scorer uses k/K", "policy.transition(x, k / K, K, s, sigma_min, sigma_max)", "policy.transition(x, k / max(K - 1, 1), K, s, sigma_min, sigma_max)", "sampler_draws or score_function"),
+    Mutant("reinflow", "sampler adds sigma^2 eps", "x = mu + sigma * eps", "x = mu + sigma**2 * eps", "sampler_draws or score_function"),
+    Mutant("reinflow", "scorer drops log N(x_0)", "logp = -0.5 * (chain[:, 0] ** 2).sum(-1) - 0.5 * D * math.log(2 * math.pi)", "logp = torch.zeros_like(chain[:, 0, 0])", "torch_distributions"),
+    Mutant("reinflow", "scorer uses sigma^2 for sigma", "logp = logp + log_normal((chain[:, k + 1] - mu) / sigma, sigma)", "logp = logp + log_normal((chain[:, k + 1] - mu) / sigma**2, sigma)", "torch_distributions"),
+    Mutant("reinflow", "sign of the PPO advantage", "loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()", "loss = torch.max(adv * ratio, adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()", "ppo_loss_raises"),
+    Mutant("reinflow", "sign of the PPO log-ratio", "logratio = new_logp - old_logp", "logratio = old_logp - new_logp", "ppo_loss_raises"),
+    Mutant("reinflow", "an env that ended mid-chunk keeps counting the chunk's later steps", "r, te, tr = r * alive, te.astype(bool) & alive, tr.astype(bool) & alive", "r, te, tr = r, te.astype(bool), tr.astype(bool)", "leftover"),
+    Mutant("reinflow", "resume without the torch RNG state", 'torch.set_rng_state(ckpt["rng"]["torch"])', "pass", "exact_resume"),
+    # flow_noise_ppo
+    Mutant("flow_noise_ppo", "sampler adds sigma^2 eps instead of sigma eps", "x = mu + sigma * torch.randn_like(mu) if stochastic else mu", "x = mu + sigma**2 * torch.randn_like(mu) if stochastic else mu", "sampler_draws"),
+    Mutant("flow_noise_ppo", "scorer: chain_gaussians returns sigma^2 for sigma", "return mu.view(B, K, self.H, self.A), sigma.view(B, K, self.H, self.A)", "return mu.view(B, K, self.H, self.A), sigma.view(B, K, self.H, self.A) ** 2", "sampler_draws"),
+    Mutant("flow_noise_ppo", "scorer: Gaussian log-density divides by sigma^2 instead of sigma", "- 0.5 * ((x - mu) / sigma) ** 2", "- 0.5 * ((x - mu) / sigma**2) ** 2", "sampler_draws"),
+    Mutant("flow_noise_ppo", "sampler time grid shifted by one step", "mu, sigma = self.step_gaussian(x, t[k].expand(x.shape[0]), o)", "mu, sigma = self.step_gaussian(x, t[k + 1].expand(x.shape[0]), o)", "sampler_draws"),
+    Mutant("flow_noise_ppo", "scorer time grid shifted by one step", "t = time_grid(K, obs.device)[:K].repeat(B)", "t = time_grid(K, obs.device)[1:].repeat(B)", "sampler_draws"),
+    Mutant("flow_noise_ppo", "no executed-chunk mask", "ell = terms / (K + 1) * mask", "ell = terms / (K + 1)", "executed_mask"),
+    Mutant("flow_noise_ppo", "Gaussian log-density without -log sigma", "        -torch.log(torch.as_tensor(sigma, dtype=x.dtype))\n        - 0.5 * np.log(2 * np.pi)", "        - 0.5 * np.log(2 * np.pi)", "sampler_draws"),
+    Mutant("flow_noise_ppo", "chain log-likelihood without log N(x_0; 0, 1)", "terms = gaussian_log_prob(chain[:, 0], 0.0, 1.0) + gaussian_log_prob(chain[:, 1:], mu, sigma).sum(1)", "terms = gaussian_log_prob(chain[:, 1:], mu, sigma).sum(1)", "chain_log_prob_matches"),
+    Mutant("flow_noise_ppo", "PPO surrogate with the advantage's sign flipped", "pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef))", "pg = torch.max(adv * ratio, adv * ratio.clamp(1 - clip_coef, 1 + clip_coef))", "by_hand"),
+    Mutant("flow_noise_ppo", "PPO ratio inverted", "logratio = new_logp - old_logp", "logratio = old_logp - new_logp", "by_hand"),
+    Mutant("flow_noise_ppo", "training envs not reset after a checkpoint", "            checkpoint(\"ckpt.pt\", iteration)\n            obs = envs.reset(seed=args.seed + global_step)\n", "            checkpoint(\"ckpt.pt\", iteration)\n", "same_seed"),
+    Mutant("flow_noise_ppo", "resume does not restore the torch RNG state", "        torch.set_rng_state(rng[\"torch\"])\n", "", "same_seed"),
+    # flow_sde_ppo
+    Mutant("flow_sde_ppo", "Agent.sample adds std^2 eps (the scorer scores std eps)", "            x = mu + std * randn() if k in stochastic else mu", "            x = mu + std**2 * randn() if k in stochastic else mu", "sampler_and_scorer"),
+    Mutant("flow_sde_ppo", "sum instead of mean over the stochastic steps (--sde-steps all)", "    logp = logp[:, :, :C].mean(1)", "    logp = logp[:, :, :C].sum(1)", "sde_steps_all"),
+    Mutant("flow_sde_ppo", "std^2 for std in the scorer", "            logps.append(gaussian_log_prob(chain[rows, k + 1], mu, std))", "            logps.append(gaussian_log_prob(chain[rows, k + 1], mu, std**2))", "torch_distributions"),
+    Mutant("flow_sde_ppo", "sign of the score term in the SDE drift", "        mu = x * (1 - sigma**2 * dt / (2 * t)) - v * dt * (1 + sigma**2 * (1 - t) / (2 * t))", "        mu = x * (1 + sigma**2 * dt / (2 * t)) - v * dt * (1 - sigma**2 * (1 - t) / (2 * t))", "marginals or torch_distributions"),
+    Mutant("flow_sde_ppo", "update (scorer) time grid 1 - k/(K+1) instead of the sampler's 1 - k/K", "        t, rows = time_grid(K).to(o), torch.arange(o.shape[0], device=o.device)", "        t, rows = time_grid(K + 1).to(o), torch.arange(o.shape[0], device=o.device)", "ratio_is_one or sampler_and_scorer"),
+    Mutant("flow_sde_ppo", "no executed-chunk mask (log-prob over all H actions)", "    logp = logp[:, :, :C].mean(1)", "    logp = logp.mean(1)", "torch_distributions"),
+    Mutant("flow_sde_ppo", "sampler's velocity at t_{k+1} instead of t_k", "            v = self.v(x, t[k], o)", "            v = self.v(x, t[k + 1], o)", "sampler_and_scorer"),
+    Mutant("flow_sde_ppo", "GAE bootstraps across episode ends", "        delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]", "        delta = rewards[t] + gamma * nxt - values[t]", "gae"),
+    Mutant("flow_sde_ppo", "RNG states not restored on resume", '        restore_rng(ckpt["rng"], kstar_rng)', "        pass", "resumed_run"),
+    Mutant("flow_sde_ppo", "training envs not reset after a checkpoint", "            next_obs, _ = envs.reset(seed=args.seed + global_step)  # what a resume from here does too", "            pass", "resumed_run"),
+    # risk_pomdp
+    Mutant("risk_pomdp", "emissions counted against the next hidden state", "N_O[b, h, s[:, :-1], o] += 1", "N_O[b, h, s[:, 1:], o] += 1", "hindsight"),
+    Mutant("risk_pomdp", "an --out-dir that cannot be created raises instead of one error line", '        return f"--out-dir {args.out_dir!r} cannot be created ({e.strerror}); pass a writable directory"', "        raise", "out_dir or bad_input"),
+    Mutant("risk_pomdp", "gamble pays 0.9 instead of 1 in a good market", "    r[0, :, 0], r[0, good, 1] = safe, 1.0", "    r[0, :, 0], r[0, good, 1] = safe, 0.9", "risk_instances"),
 ]
+
+
+def pytest(tmp: Path, script: str, tests: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/test_{script}.py"]
+    return subprocess.run(cmd + (["-k", tests] if tests else []), cwd=tmp, capture_output=True, text=True)
 
 
 def run(m: Mutant, tmp: Path) -> tuple[bool, float]:
@@ -41,11 +94,8 @@ def run(m: Mutant, tmp: Path) -> tuple[bool, float]:
     if (n := original.count(m.old)) != 1:
         raise SystemExit(f"error: mutant {m.name!r}: its snippet occurs {n} times in {path.name}, not once")
     path.write_text(original.replace(m.old, m.new))
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/test_{m.script}.py"]
-    if m.tests:
-        cmd += ["-k", m.tests]
     t0 = time.time()
-    result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+    result = pytest(tmp, m.script, m.tests)
     path.write_text(original)
     if result.returncode not in (0, 1):  # collection error, no test selected...: not a verdict on the mutant
         raise SystemExit(f"error: {m.name!r}: pytest exit {result.returncode}\n{result.stdout[-999:]}")
@@ -73,6 +123,11 @@ def main():
         for f in ("make_demos.sh", "pyproject.toml"):
             shutil.copy(ROOT / f, tmp)
         t0 = time.time()
+        for script in dict.fromkeys(m.script for m in todo):  # a mutant is killed only if the clean code passes
+            selections = [m.tests for m in todo if m.script == script]
+            union = "" if "" in selections else " or ".join(f"({k})" for k in selections)
+            if pytest(tmp, script, union).returncode != 0:
+                raise SystemExit(f"error: tests/test_{script}.py fails on the unmutated code: fix that first")
         for m in todo:
             killed, sec = run(m, tmp)
             print(f"{'killed  ' if killed else 'SURVIVED'} {sec:6.1f}s  {m.script:15s} {m.name}", flush=True)
