@@ -75,6 +75,18 @@ MUTANTS: list[Mutant] = [
     Mutant("flow_sde_ppo", "GAE bootstraps across episode ends", "        delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]", "        delta = rewards[t] + gamma * nxt - values[t]", "gae"),
     Mutant("flow_sde_ppo", "RNG states not restored on resume", '        restore_rng(ckpt["rng"], kstar_rng)', "        pass", "resumed_run"),
     Mutant("flow_sde_ppo", "training envs not reset after a checkpoint", "            next_obs, _ = envs.reset(seed=args.seed + global_step)  # what a resume from here does too", "            pass", "resumed_run"),
+    # rl_cotrain
+    Mutant("rl_cotrain", "sampler adds sigma^2 * eps", "a = mu + policy.sigma(o_n, a, tau) * torch.randn(", "a = mu + policy.sigma(o_n, a, tau) ** 2 * torch.randn(", "sampler_draws"),
+    Mutant("rl_cotrain", "scorer uses sigma^2 for sigma", "return mu.view(B, K, A), policy.sigma(o_n, a_k, tau).view(B, K, A)", "return mu.view(B, K, A), (policy.sigma(o_n, a_k, tau) ** 2).view(B, K, A)", "sampler_draws"),
+    Mutant("rl_cotrain", "sampler time grid (k + 1) / K", "for tau in time_grid(policy.K, o.device):", "for tau in time_grid(policy.K, o.device) + 1 / policy.K:", "sampler_draws"),
+    Mutant("rl_cotrain", "scorer time grid k / (K - 1)", "tau = time_grid(K, o.device).repeat(B).unsqueeze(-1)", "tau = (time_grid(K, o.device) * K / max(K - 1, 1)).repeat(B).unsqueeze(-1)", "sampler_draws"),
+    Mutant("rl_cotrain", "RL-Co loss: beta on the RL term", "return l_rl + beta * l_sft_real", "return beta * l_rl + l_sft_real", "combined_loss"),
+    Mutant("rl_cotrain", "PPO ratio inverted (old - new)", "log_ratio = new_logp - old_logp", "log_ratio = old_logp - new_logp", "ppo_policy_loss"),
+    Mutant("rl_cotrain", "PPO advantage sign flipped", "loss = torch.max(-adv * ratio, -adv * ratio.clamp(", "loss = torch.max(adv * ratio, adv * ratio.clamp(", "ppo_policy_loss"),
+    Mutant("rl_cotrain", "GAE bootstraps through an episode end", "delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]", "delta = rewards[t] + gamma * nv - values[t]", "ppo_policy_loss_and_gae"),
+    Mutant("rl_cotrain", "friction shift edits the scene's shared default material", "shape.set_physical_material(type(m)(fs, fd, m.restitution))", "m.static_friction, m.dynamic_friction = fs, fd", "shift_rules"),
+    Mutant("rl_cotrain", "evaluation draws a^0 from the global RNG", "a = sample_chain(policy, o, deterministic=True, generator=generator)", "a = sample_chain(policy, o, deterministic=True)", "batched"),
+    Mutant("rl_cotrain", "resume does not restore the RNG state", "    set_rng_states(rng_at_ckpt)\n", "    pass\n", "same_seed"),
     # risk_pomdp
     Mutant("risk_pomdp", "emissions counted against the next hidden state", "N_O[b, h, s[:, :-1], o] += 1", "N_O[b, h, s[:, 1:], o] += 1", "hindsight"),
     Mutant("risk_pomdp", "an --out-dir that cannot be created raises instead of one error line", '        return f"--out-dir {args.out_dir!r} cannot be created ({e.strerror}); pass a writable directory"', "        raise", "out_dir or bad_input"),
