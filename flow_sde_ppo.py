@@ -162,10 +162,6 @@ class Args:
     """PPO epochs per rollout"""
     clip_coef: float = 0.2
     """PPO ratio clip ε"""
-    value_clip: float = 0.2
-    """value clip around the rollout's values"""
-    huber_delta: float = 10.0
-    """δ of the Huber value loss"""
     vf_coef: float = 0.5
     """value-loss coefficient"""
     max_grad_norm: float = 1.0
@@ -230,19 +226,24 @@ def reduce_log_prob(logp, C: int, logprob_type: str):
     return logp.sum((1, 2)) if logprob_type == "chunk" else logp
 
 
-def ppo_loss(logp, old_logp, adv, value, old_value, ret, args):
-    """Clipped-ratio policy loss and clipped Huber value loss; adv (B,) broadcasts over token log-probs."""
-    adv = adv.view(-1, *([1] * (logp.dim() - 1)))
-    logratio = logp - old_logp
+def policy_loss(new_logp, old_logp, adv, clip_coef: float):
+    """Clipped PPO surrogate L_π; adv (B,) broadcasts over token log-probs (B, C, A). Returns (L_π, approx KL,
+    clip fraction)."""
+    adv = adv.view(-1, *([1] * (new_logp.dim() - 1)))
+    logratio = new_logp - old_logp
     ratio = logratio.exp()
-    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    v_clipped = old_value + (value - old_value).clamp(-args.value_clip, args.value_clip)
-    huber = partial(nn.functional.huber_loss, reduction="none", delta=args.huber_delta)
-    v_loss = torch.max(huber(value, ret), huber(v_clipped, ret)).mean()
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
     with torch.no_grad():
         approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1).abs() > args.clip_coef).float().mean()
-    return pg_loss, v_loss, approx_kl, clipfrac
+        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
+    return pg_loss, approx_kl, clipfrac
+
+
+def value_loss(new_v, old_v, returns, value_clip: float = 0.2, huber_delta: float = 10.0):
+    """L_V: the larger Huber loss of V and of V clipped to ±value_clip around the rollout's values."""
+    v_clipped = old_v + (new_v - old_v).clamp(-value_clip, value_clip)
+    huber = partial(nn.functional.huber_loss, reduction="none", delta=huber_delta)
+    return torch.max(huber(new_v, returns), huber(v_clipped, returns)).mean()
 
 
 def gae(rewards, values, dones, next_value, gamma, gae_lambda):
@@ -260,15 +261,8 @@ def gae(rewards, values, dones, next_value, gamma, gae_lambda):
 
 # ---------------------------------------------------------------- networks
 def mlp(inp, hidden, out):
-    return nn.Sequential(
-        nn.Linear(inp, hidden),
-        nn.GELU(),
-        nn.Linear(hidden, hidden),
-        nn.GELU(),
-        nn.Linear(hidden, hidden),
-        nn.GELU(),
-        nn.Linear(hidden, out),
-    )
+    layers = [nn.Linear(inp, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
 def time_features(t, dim=32):
@@ -410,9 +404,8 @@ def ppo_update(agent, optimizer, b, args, update_policy=True):
             logp = agent.log_prob(b["obs"][mb], b["chain"][mb], b["idx"][mb], K, a, args.sampler)
             logp = reduce_log_prob(logp, args.num_action_chunks, args.logprob_type)
             value = agent.value(b["obs"][mb])
-            pg_loss, v_loss, approx_kl, clipfrac = ppo_loss(
-                logp, b["logp"][mb], advantages[mb], value, b["values"][mb], b["returns"][mb], args
-            )
+            pg_loss, approx_kl, clipfrac = policy_loss(logp, b["logp"][mb], advantages[mb], args.clip_coef)
+            v_loss = value_loss(value, b["values"][mb], b["returns"][mb])
             for name, loss in (("policy_loss", pg_loss), ("value_loss", v_loss)):
                 if not torch.isfinite(loss):
                     raise FloatingPointError(name)
@@ -437,10 +430,7 @@ def is_maniskill(env_id: str) -> bool:
     if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
         import mani_skill.envs  # noqa: F401
     if env_id not in gym.registry:
-        fail(
-            f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one "
-            "(e.g. PickCube-v1)"
-        )
+        fail(f"unknown --env-id {env_id!r}: give a gymnasium id (Hopper-v5) or a ManiSkill3 id (PickCube-v1)")
     entry = gym.registry[env_id].entry_point
     entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
     return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
@@ -537,10 +527,7 @@ def make_envs(args, maniskill, num_envs, video_dir=None):
     if args.vector_env == "maniskill":
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-        env = make_maniskill(args, num_envs, video_dir)
-        return ManiSkillVectorEnv(
-            env, num_envs, auto_reset=False, ignore_terminations=False, record_metrics=False
-        )
+        return ManiSkillVectorEnv(make_maniskill(args, num_envs, video_dir), auto_reset=False)
     videos = [video_dir] + [None] * (num_envs - 1)  # the first env records
     thunks = [partial(make_single_env, args, maniskill, v) for v in videos]
     return gym.vector.AsyncVectorEnv(
@@ -599,11 +586,7 @@ def step_chunk(envs, actions, ep, device):
 
 def new_episode_stats(n, device):
     z = torch.zeros(n, device=device)
-    return {
-        "return": z.clone(),
-        "length": z.clone(),
-        "success_once": torch.zeros(n, dtype=torch.bool, device=device),
-    }
+    return {"return": z.clone(), "length": z.clone(), "success_once": torch.zeros_like(z, dtype=torch.bool)}
 
 
 @torch.no_grad()
@@ -660,10 +643,8 @@ def demo_chunks(demos, obs_dim, act_dim, H):
     obs, chunks = [], []
     for i, (o, a) in enumerate(demos):
         if o.ndim != 2 or a.ndim != 2 or o.shape[1] != obs_dim or a.shape[1] != act_dim:
-            fail(
-                f"demo traj_{i} has obs {o.shape} / actions {a.shape} but the env has obs dim {obs_dim} "
-                f"and action dim {act_dim}: use demos recorded for this env"
-            )
+            fail(f"demo traj_{i} has obs {o.shape} / actions {a.shape} but the env has obs dim {obs_dim} "
+                 f"and action dim {act_dim}: use demos recorded for this env")  # fmt: skip
         a = np.concatenate([a, np.repeat(a[-1:], H - 1, 0)])
         obs.append(o[: len(a) - H + 1])
         chunks.append(np.stack([a[i : i + H] for i in range(len(a) - H + 1)]))
@@ -677,19 +658,12 @@ def demo_chunks(demos, obs_dim, act_dim, H):
 def save_checkpoint(path, agent, optimizer, args, global_step, iteration, kstar_rng):
     """Everything a resume needs, written atomically: model (with its observation statistics and action
     range), optimiser, args, step, and the RNG states (torch, numpy, python, the k* generator)."""
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-    rng |= dict(kstar=kstar_rng.bit_generator.state)
-    rng |= dict(cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    state = dict(
-        script="flow_sde_ppo",
-        agent=agent.state_dict(),
-        optimizer=optimizer.state_dict(),
-        args=vars(args),
-        backbone_config=agent.velocity.lm.config.to_dict() if args.backbone == "transformer" else None,
-        global_step=global_step,
-        iteration=iteration,
-        rng=rng,
-    )
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               kstar=kstar_rng.bit_generator.state,
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
+    backbone = agent.velocity.lm.config.to_dict() if args.backbone == "transformer" else None
+    state = dict(script="flow_sde_ppo", agent=agent.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
+                 args=vars(args), global_step=global_step, iteration=iteration, backbone_config=backbone)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
     print(f"checkpoint {path}", flush=True)
@@ -749,17 +723,11 @@ def main(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     kstar_rng = np.random.default_rng(args.seed)  # the two-layer MDP's k*
 
-    agent = Agent(
-        obs_dim, act_dim, args.action_horizon, args.hidden_dim, args.backbone, args.backbone_path,
-        ckpt and ckpt["backbone_config"],
-    ).to(device)  # fmt: skip
-    optimizer = torch.optim.Adam(
-        [
-            {"params": agent.velocity.parameters(), "lr": args.learning_rate},
-            {"params": agent.critic.parameters(), "lr": args.critic_learning_rate},
-        ],
-        eps=1e-5,
-    )
+    agent = Agent(obs_dim, act_dim, args.action_horizon, args.hidden_dim, args.backbone, args.backbone_path,
+                  ckpt and ckpt["backbone_config"]).to(device)  # fmt: skip
+    groups = [{"params": agent.velocity.parameters(), "lr": args.learning_rate},
+              {"params": agent.critic.parameters(), "lr": args.critic_learning_rate}]  # fmt: skip
+    optimizer = torch.optim.Adam(groups, eps=1e-5)
     agent.act_low.copy_(torch.as_tensor(space.low))
     agent.act_high.copy_(torch.as_tensor(space.high))
     global_step, start_iter = 0, 1
@@ -794,9 +762,8 @@ def main(args):
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     backend = args.sim_backend if maniskill else "cpu"
     banner = f"run {run_dir} | env {args.env_id} ({backend}, {args.vector_env}) | device {device}"
     print(banner + (f" | demos {len(demo_obs)} transitions" if demos is not None else ""), flush=True)
@@ -849,10 +816,8 @@ def main(args):
         obs=torch.zeros(T, N, obs_dim, device=device),
         chain=torch.zeros(T, N, K + 1, args.action_horizon, act_dim, device=device),
         idx=torch.zeros(T, N, S, dtype=torch.long, device=device),
-        logp=torch.zeros(
-            (T, N) + (() if args.logprob_type == "chunk" else (args.num_action_chunks, act_dim)),
-            device=device,
-        ),
+        logp=torch.zeros(T, N, *(() if args.logprob_type == "chunk" else (args.num_action_chunks, act_dim)),
+                         device=device),  # fmt: skip
         values=torch.zeros(T, N, device=device),
         rewards=torch.zeros(T, N, device=device),
         dones=torch.zeros(T, N, device=device),
@@ -887,12 +852,10 @@ def main(args):
             finished_all += finished
         with torch.no_grad():
             next_value = agent.value(agent.normalize(next_obs))
-        adv, returns = gae(
-            buf["rewards"], buf["values"], buf["dones"], next_value, args.gamma, args.gae_lambda
-        )
+        adv, ret = gae(buf["rewards"], buf["values"], buf["dones"], next_value, args.gamma, args.gae_lambda)
         b = {k: v.flatten(0, 1) for k, v in buf.items()}
         b["adv"] = adv.flatten()
-        b["returns"] = returns.flatten()
+        b["returns"] = ret.flatten()
 
         agent.train()
         t_update = time.time()
@@ -913,9 +876,8 @@ def main(args):
             line += " | train episodes (end at success):"
             for k in finished_all[0][1]:
                 val = float(np.mean([e[k] for _, e in finished_all]))
-                writer.add_scalar(
-                    f"charts/{'episodic_' if k in ('return', 'length') else ''}{k}", val, global_step
-                )
+                tag = f"episodic_{k}" if k in ("return", "length") else k
+                writer.add_scalar(f"charts/{tag}", val, global_step)
                 line += f" {k}={val:.3f}"
         print(line, flush=True)
         if iteration == args.num_iterations or eval_iters and iteration % eval_iters == 0:

@@ -156,8 +156,8 @@ def test_ppo_loss_gradcheck(shape):
     adv, ret = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64) * 5
 
     def loss(lp, v):
-        pg, vl, _, _ = F.ppo_loss(lp, old_logp, adv, v, old_value, ret, F.Args(huber_delta=1.0))
-        return pg + vl
+        pg, _, _ = F.policy_loss(lp, old_logp, adv, 0.2)
+        return pg + F.value_loss(v, old_value, ret, huber_delta=1.0)
 
     assert torch.autograd.gradcheck(loss, (logp, value))
     # and through the SDE step into the velocity the actor's gradient flows through
@@ -418,13 +418,13 @@ PENDULUM = ["--env-id", "Pendulum-v1", "--num-envs", "1", "--num-eval-envs", "1"
 
 def test_non_finite_loss_stops_the_run_with_one_line(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    real = F.ppo_loss
+    real = F.policy_loss
 
     def nan_policy_loss(*args):
         pg_loss, *rest = real(*args)
         return pg_loss * math.nan, *rest
 
-    monkeypatch.setattr(F, "ppo_loss", nan_policy_loss)
+    monkeypatch.setattr(F, "policy_loss", nan_policy_loss)
     with pytest.raises(SystemExit) as e:
         F.main(tyro.cli(F.Args, args=[*PENDULUM, "--total-timesteps", "40"]))
     assert str(e.value) == "error: non-finite policy_loss at step 40; last good checkpoint: none"
