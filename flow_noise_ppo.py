@@ -225,14 +225,12 @@ def chain_entropy(sigma, mask) -> torch.Tensor:
 def gae(rewards, values, dones, next_value, gamma, gae_lambda):
     """GAE over (T, N) steps; dones[t] = the episode ended at step t (no bootstrap from t + 1; a truncation's
     bootstrap is folded into rewards[t] beforehand). Returns (advantages, returns)."""
-    T = rewards.shape[0]
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
-    for t in reversed(range(T)):
-        v_next = next_value if t == T - 1 else values[t + 1]
-        nonterminal = 1.0 - dones[t]
-        delta = rewards[t] + gamma * v_next * nonterminal - values[t]
-        last = delta + gamma * gae_lambda * nonterminal * last
+    for t in reversed(range(rewards.shape[0])):
+        nxt = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1 - dones[t]) * last
         adv[t] = last
     return adv, adv + values
 
@@ -314,9 +312,8 @@ class TransformerExpert(nn.Module):
         elif backbone_path is not None:
             self.lm = AutoModel.from_pretrained(backbone_path, local_files_only=True)
         else:
-            tiny = GPT2Config(
-                vocab_size=1, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
-            )
+            tiny = GPT2Config(vocab_size=1, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+                              eos_token_id=0)  # fmt: skip
             self.lm = AutoModel.from_config(tiny)
         for m in self.lm.modules():  # dropout would make log-probs of the same chain differ between calls
             if isinstance(m, nn.Dropout):
@@ -338,9 +335,8 @@ class TransformerExpert(nn.Module):
 
 
 class FlowNoisePolicy(nn.Module):
-    def __init__(
-        self, obs_dim, A, H, K, sigma_min, sigma_max, backbone="mlp", backbone_path=None, backbone_config=None
-    ):
+    def __init__(self, obs_dim, A, H, K, sigma_min, sigma_max, backbone="mlp", backbone_path=None,
+                 backbone_config=None):  # fmt: skip
         super().__init__()
         self.A, self.H, self.K, self.sigma_min, self.sigma_max = A, H, K, sigma_min, sigma_max
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
@@ -414,7 +410,7 @@ def is_maniskill(env_id: str) -> bool:
     if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
         import mani_skill.envs  # noqa: F401
     if env_id not in gym.registry:
-        fail(f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)")  # noqa: E501
+        fail(f"unknown --env-id {env_id!r}: give a gymnasium id (Hopper-v5) or a ManiSkill3 id (PickCube-v1)")
     entry = gym.registry[env_id].entry_point
     entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
     return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
@@ -451,10 +447,8 @@ def validate(args: Args) -> list[str]:
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
     if args.batch_size % args.num_minibatches or args.minibatch_size < 2:  # a 1-sample minibatch: Â std NaN
-        fail(
-            f"--num-envs x --num-steps = {args.batch_size} chunks do not split into --num-minibatches "
-            f"{args.num_minibatches} equal minibatches of >= 2"
-        )
+        fail(f"--num-envs x --num-steps = {args.batch_size} chunks do not split into --num-minibatches "
+             f"{args.num_minibatches} equal minibatches of >= 2")  # fmt: skip
     args.num_iterations = args.total_timesteps // (args.batch_size * args.num_action_chunks)
 
     maniskill = [is_maniskill(task) for task in tasks]
@@ -548,9 +542,8 @@ class VecEnv:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
             env = make_maniskill(args, n, args.env_id, video_dir, args.sim_backend)
-            self.envs = ManiSkillVectorEnv(
-                env, n, auto_reset=False, ignore_terminations=False, record_metrics=False
-            )
+            self.envs = ManiSkillVectorEnv(env, n, auto_reset=False, ignore_terminations=False,
+                                           record_metrics=False)  # fmt: skip
         else:
             ms = [is_maniskill(task) for task in self.tasks]
             thunks = [
@@ -630,13 +623,9 @@ def step_chunk(envs: VecEnv, actions, alive, ep):
     return obs, reward, end_obs, truncated
 
 
-def demo_keys(f) -> list[str]:
-    return sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
-
-
-def check_demo_file(path, env_id: str, args: Args) -> int:
-    """Before any env starts: an h5 with traj_i/{obs, actions} whose json sidecar names this env and
-    controller. Returns the number of transitions used (--num-demos trajectories)."""
+def read_demos(path, env_id: str, args: Args) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Before any env starts: (obs without the last, actions) of the first --num-demos trajectories of an h5
+    with traj_i/{obs, actions} whose json sidecar names this env and controller."""
     import h5py
 
     path = Path(path)
@@ -651,38 +640,35 @@ def check_demo_file(path, env_id: str, args: Args) -> int:
         mode = info.get("env_kwargs", {}).get("control_mode", args.control_mode)
         if mode != args.control_mode:
             fail(f"demos use control mode {mode}; pass --control-mode {mode}")
+    trajs = []
     try:
         with h5py.File(path, "r") as f:
-            keys = demo_keys(f)[: args.num_demos]
-            if not keys:
-                fail(f"{path} has no traj_i groups; {make}")
-            for k in keys:
+            keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k[5:]))
+            for k in keys[: args.num_demos]:
                 if not (isinstance(f[k], h5py.Group) and "obs" in f[k] and "actions" in f[k]):
                     fail(f"{path}:{k} has no obs and actions; {make}")
-            return sum(len(f[k]["actions"]) for k in keys)
+                o, a = f[k]["obs"], f[k]["actions"]
+                if not isinstance(o, h5py.Dataset) or (o.ndim, a.ndim) != (2, 2):
+                    fail(f"{path}:{k} has obs {getattr(o, 'shape', 'dict')} / actions {a.shape}; {make}")
+                trajs.append((np.asarray(o[:-1], np.float32), np.asarray(a, np.float32)))
     except OSError as e:  # not HDF5, or truncated
         fail(f"cannot read demo file {path} ({str(e).splitlines()[0][:80]}); {make}")
+    if not trajs:
+        fail(f"{path} has no traj_i groups; {make}")
+    return trajs
 
 
-def load_demos(path, args: Args, obs_dim, act_dim, token=None):
-    """ManiSkill h5 -> obs (N,D), action chunks (N,H,A); chunks past the end repeat the last action.
+def demo_chunks(path, trajs, H: int, obs_dim: int, act_dim: int, token=None):
+    """-> obs (N,D), action chunks (N,H,A); chunks past an episode's end repeat its last action.
     token = (task, num_tasks, pad_to): obs become task_token_obs, as the multi-task envs return them."""
-    import h5py
-
     obs, chunks = [], []
-    with h5py.File(path, "r") as f:
-        for k in demo_keys(f)[: args.num_demos]:
-            o, a = f[k]["obs"], f[k]["actions"]
-            shapes = (o.ndim, a.ndim, o.shape[-1], a.shape[-1]) if hasattr(o, "shape") else None
-            if shapes != (2, 2, obs_dim, act_dim):
-                fail(
-                    f"{path}:{k} has obs {getattr(o, 'shape', 'dict')} / actions {a.shape}, env needs "
-                    f"(L+1, {obs_dim}) / (L, {act_dim}); make state demos for {args.control_mode}"
-                )
-            o, a = np.asarray(o[:-1], np.float32), np.asarray(a, np.float32)
-            obs.append(o if token is None else task_token_obs(o, *token))
-            idx = np.minimum(np.arange(len(a))[:, None] + np.arange(args.action_horizon)[None], len(a) - 1)
-            chunks.append(a[idx])
+    for o, a in trajs:
+        if (o.shape[1], a.shape[1]) != (obs_dim, act_dim):
+            fail(f"{path} has obs dim {o.shape[1]} / action dim {a.shape[1]}, the env {obs_dim} / {act_dim}: "
+                 "make state demos of this env and controller")  # fmt: skip
+        obs.append(o if token is None else task_token_obs(o, *token))
+        idx = np.minimum(np.arange(len(a))[:, None] + np.arange(H)[None], len(a) - 1)
+        chunks.append(a[idx])
     return torch.as_tensor(np.concatenate(obs)), torch.as_tensor(np.concatenate(chunks))
 
 
@@ -715,22 +701,12 @@ def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
 def save_checkpoint(path, policy, critic, optimizer, args: Args, global_step: int, iteration: int):
     """Everything a resume needs, RNG states included; written atomically (tmp file + os.replace)."""
     expert = policy.expert
-    state = {
-        "script": "flow_noise_ppo",
-        "policy": policy.state_dict(),
-        "critic": critic.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "args": asdict(args),
-        "backbone_config": expert.lm.config.to_dict() if isinstance(expert, TransformerExpert) else None,
-        "global_step": global_step,
-        "iteration": iteration,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
-    }
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+    state = {"script": "flow_noise_ppo", "policy": policy.state_dict(), "critic": critic.state_dict(),
+             "optimizer": optimizer.state_dict(), "args": asdict(args), "global_step": global_step,
+             "iteration": iteration, "rng": rng,
+             "backbone_config": expert.lm.config.to_dict() if isinstance(expert, TransformerExpert) else None}
     torch.save(state, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
     print(f"checkpoint {path}", flush=True)
@@ -781,7 +757,8 @@ def main(args: Args):
     tasks = validate(args)
     ckpt = load_checkpoint(args) if args.checkpoint else None
     demo_paths = args.demo_path.split(",") if args.demo_path else []
-    num_transitions = sum(check_demo_file(p, task, args) for p, task in zip(demo_paths, tasks, strict=False))
+    demos = [read_demos(p, task, args) for p, task in zip(demo_paths, tasks, strict=False)]
+    num_transitions = sum(len(a) for trajs in demos for _, a in trajs)
     if args.seed is None:
         args.seed = ckpt["args"]["seed"] if ckpt else 1
     random.seed(args.seed)
@@ -800,21 +777,21 @@ def main(args: Args):
     video_dir = str((Path(args.checkpoint).parent if args.evaluate else run_dir) / "videos")
     eval_envs = VecEnv(args, args.num_eval_envs, device, video_dir if args.capture_video else None, tokens)
     envs = None if args.evaluate else VecEnv(args, args.num_envs, device, tokens=tokens)
+    demo_files = list(zip(demo_paths, demos, dims or [None], tokens, strict=False))
     try:
-        return train(args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, run_dir)
+        return train(args, ckpt, envs, eval_envs, demo_files, device, run_dir)
     finally:
         eval_envs.close()
         if envs is not None:
             envs.close()
 
 
-def train(args: Args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, run_dir):
+def train(args: Args, ckpt, envs, eval_envs, demo_files, device, run_dir):
+    """demo_files: (path, trajectories, the task's obs dim, its task token) per task."""
     N, C, K, H = args.num_envs, args.num_action_chunks, args.denoising_steps, args.action_horizon
     D, A = eval_envs.obs_dim, eval_envs.act_dim
     # SFT data: the union of the tasks' demos, each in its task's observation layout
-    parts = [
-        load_demos(p, args, d, A, tok) for p, d, tok in zip(demo_paths, dims or [D], tokens, strict=False)
-    ]
+    parts = [demo_chunks(path, trajs, H, d or D, A, tok) for path, trajs, d, tok in demo_files]
     demos = tuple(torch.cat(x) for x in zip(*parts, strict=True)) if parts else None
 
     policy = FlowNoisePolicy(
@@ -822,10 +799,9 @@ def train(args: Args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, r
         ckpt["backbone_config"] if ckpt else None,
     ).to(device)  # fmt: skip
     critic = make_critic(D).to(device)
-    optimizer = torch.optim.Adam(
-        [{"params": policy.parameters(), "lr": args.learning_rate},
-         {"params": critic.parameters(), "lr": args.critic_learning_rate}], eps=1e-5,
-    )  # fmt: skip
+    groups = [{"params": policy.parameters(), "lr": args.learning_rate},
+              {"params": critic.parameters(), "lr": args.critic_learning_rate}]  # fmt: skip
+    optimizer = torch.optim.Adam(groups, eps=1e-5)
     global_step, start_iteration = 0, 1
     # the env bounds, until SFT narrows them to the demos' range
     policy.act_low.copy_(eval_envs.low)
@@ -858,9 +834,8 @@ def train(args: Args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, r
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args),
                    name=run_dir.name, save_code=True)  # fmt: skip
     writer = SummaryWriter(str(run_dir))
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     last_ckpt = None
 
     def checkpoint(name, iteration):
@@ -925,9 +900,8 @@ def train(args: Args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, r
             if truncated.any():  # a time limit is not failure: bootstrap from the last state
                 with torch.no_grad():
                     reward += args.gamma * critic(policy.normalize(end_obs)).squeeze(-1) * truncated
-            for i in (~alive).nonzero()[:, 0].tolist():
-                recent_ret.append(ep["return"][i].item())
-                recent_success.append(float(ep["success_once"][i]))
+            recent_ret += ep["return"][~alive].tolist()
+            recent_success += ep["success_once"][~alive].float().tolist()
             for v in ep.values():
                 v[~alive] = 0
             global_step += N * C
@@ -966,9 +940,7 @@ def train(args: Args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, r
                     fail(f"non-finite {name} at step {global_step}; last good checkpoint: {last_ckpt}")
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(
-                    list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm
-                )
+                nn.utils.clip_grad_norm_([*policy.parameters(), *critic.parameters()], args.max_grad_norm)
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
@@ -978,8 +950,7 @@ def train(args: Args, ckpt, envs, eval_envs, demo_paths, dims, tokens, device, r
         explained_var = (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan")
         sps = int((global_step - step_start) / (time.time() - t_start))
         losses = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item(),
-                  "approx_kl": approx_kl,
-                  "clipfrac": clipfrac, "explained_variance": explained_var,
+                  "approx_kl": approx_kl, "clipfrac": clipfrac, "explained_variance": explained_var,
                   "sigma_mean": sigma.mean()}  # fmt: skip
         for k, v in losses.items():
             writer.add_scalar(f"losses/{k}", float(v), global_step)

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import tyro
 from conftest import ROOT, assert_one_line_error, read_scalars, run_script, snapshot
 
 import flow_noise_ppo as fnp
@@ -192,26 +193,26 @@ def run_dir_of(stdout: str):
 TINY = ["--num-steps", "4", "--num-minibatches", "2", "--update-epochs", "1", "--critic-warmup-iters", "0"]
 
 
-def test_pickcube_cpu_path_smoke(pickcube_demos):
+def cli(*flags):
+    """An in-process run from command-line flags (tyro parses them as for `python flow_noise_ppo.py`)."""
+    return fnp.main(tyro.cli(fnp.Args, args=list(flags)))
+
+
+def test_pickcube_cpu_path_smoke(pickcube_demos, tmp_path, monkeypatch, capsys):
     """The default CPU path: ManiSkill in spawned AsyncVectorEnv workers; SFT, PPO, eval, sft.pt, ckpt.pt."""
-    result = run_script(
-        "flow_noise_ppo.py", "--env-id", "PickCube-v1", "--demo-path", str(pickcube_demos),
-        "--num-demos", "5", "--sft-steps", "10", "--total-timesteps", "20", "--eval-episodes", "1",
-        "--max-episode-steps", "10", "--num-envs", "1", "--num-eval-envs", "1",
-        "--exp-name", "test_flow_noise_ppo", *TINY,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = ROOT / run_dir_of(result.stdout)
-    try:
-        banner = r"\| env PickCube-v1 \(physx_cpu, gymnasium\) \| device cpu \| demos \d+ transitions"
-        assert re.search(banner, result.stdout), result.stdout[:500]
-        progress = r"^step 20/20 \| \d+ steps/s \| ETA \d+m \| train episodes \(end at success\): return"
-        assert re.search(progress, result.stdout, re.M), result.stdout
-        assert "eval step 0: return=" in result.stdout and "eval step 20: return=" in result.stdout
-        assert f"checkpoint {run.relative_to(ROOT)}/sft.pt" in result.stdout
-        assert (run / "sft.pt").exists() and (run / "ckpt.pt").exists()
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
+    monkeypatch.chdir(tmp_path)
+    cli("--env-id", "PickCube-v1", "--demo-path", str(pickcube_demos), "--num-demos", "5",
+        "--sft-steps", "10", "--total-timesteps", "20", "--eval-episodes", "1", "--max-episode-steps", "10",
+        "--num-envs", "1", "--num-eval-envs", "1", "--exp-name", "test_flow_noise_ppo", *TINY)  # fmt: skip
+    out = capsys.readouterr().out
+    run = run_dir_of(out)
+    banner = r"\| env PickCube-v1 \(physx_cpu, gymnasium\) \| device cpu \| demos \d+ transitions"
+    assert re.search(banner, out), out[:500]
+    progress = r"^step 20/20 \| \d+ steps/s \| ETA \d+m \| train episodes \(end at success\): return"
+    assert re.search(progress, out, re.M), out
+    assert "eval step 0: return=" in out and "eval step 20: return=" in out
+    assert f"checkpoint {run}/sft.pt" in out
+    assert (tmp_path / run / "sft.pt").exists() and (tmp_path / run / "ckpt.pt").exists()
 
 
 def test_batched_path_on_cpu_trains_resumes_evaluates(pickcube_demos, tmp_path, monkeypatch, capsys):
@@ -309,7 +310,7 @@ def test_relative_reward_is_the_difference_of_consecutive_rewards():
         envs.close()
 
 
-def test_transformer_backbone_offline_and_mujoco_smoke(tmp_path, monkeypatch):
+def test_transformer_backbone_offline_and_mujoco_smoke(tmp_path, monkeypatch, capsys):
     from transformers import AutoModel, LlamaConfig
 
     cfg = LlamaConfig(
@@ -328,15 +329,12 @@ def test_transformer_backbone_offline_and_mujoco_smoke(tmp_path, monkeypatch):
     torch.testing.assert_close(mu2, mu, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sigma2, sigma, atol=1e-6, rtol=1e-5)
 
-    result = run_script(
-        "flow_noise_ppo.py", "--env-id", "InvertedPendulum-v5", "--backbone", "transformer",
-        "--backbone-path", str(tmp_path / "tiny_llama"), "--total-timesteps", "40", "--eval-episodes", "2",
-        "--max-episode-steps", "20", "--exp-name", "test_flow_noise_ppo_tf", *TINY,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = ROOT / run_dir_of(result.stdout)
-    shutil.rmtree(run, ignore_errors=True)
-    assert "step 40/40" in result.stdout and "eval step 40: return=" in result.stdout, result.stdout[-2000:]
+    monkeypatch.chdir(tmp_path)
+    cli("--env-id", "InvertedPendulum-v5", "--backbone", "transformer", "--backbone-path",
+        str(tmp_path / "tiny_llama"), "--total-timesteps", "40", "--eval-episodes", "2",
+        "--max-episode-steps", "20", *TINY)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "step 40/40" in out and "eval step 40: return=" in out, out[-2000:]
 
 
 def test_task_token_layout(tmp_path):
@@ -347,10 +345,13 @@ def test_task_token_layout(tmp_path):
     assert (tok[:, 35:42] == 0).all() and (tok[:, 42:] == [0, 1]).all()
     np.testing.assert_array_equal(fnp.task_token_obs(o[0], 1, 2, 42), tok[0])  # one obs as the env returns it
     with h5py.File(tmp_path / "push.h5", "w") as f:  # demos get the same layout as the env's observations
-        f["traj_0/obs"], f["traj_0/actions"] = o[[0, 1, 1]], np.ones((2, 4), np.float32)
-    obs, chunks = fnp.load_demos(tmp_path / "push.h5", fnp.Args(), 35, 4, token=(1, 2, 42))
+        f["traj_0/obs"], f["traj_0/actions"] = o[[0, 1, 1]], np.arange(8, dtype=np.float32).reshape(2, 4)
+    trajs = fnp.read_demos(tmp_path / "push.h5", "PushCube-v1", fnp.Args())
+    obs, chunks = fnp.demo_chunks("push.h5", trajs, 8, 35, 4, token=(1, 2, 42))
     np.testing.assert_array_equal(obs.numpy(), tok)
-    assert chunks.shape == (2, 8, 4)
+    assert chunks.shape == (2, 8, 4)  # a chunk past the episode's end repeats its last action
+    a0, a1 = [0, 1, 2, 3], [4, 5, 6, 7]
+    np.testing.assert_array_equal(chunks.numpy(), [[a0] + [a1] * 7, [a1] * 8])
 
 
 def test_multitask_smoke(tmp_path):
@@ -389,12 +390,15 @@ def test_bad_inputs_exit_with_one_line(pickcube_demos, tmp_path, monkeypatch):
     (tmp_path / "cut.h5").write_bytes(pickcube_demos.read_bytes()[:5000])
     with h5py.File(tmp_path / "no_actions.h5", "w") as f:
         f["traj_0/obs"] = np.zeros((6, 42), np.float32)
+    with h5py.File(tmp_path / "flat.h5", "w") as f:
+        f["traj_0/obs"], f["traj_0/actions"] = np.zeros(6, np.float32), np.zeros((5, 4), np.float32)
     cases = [
         ({"env_id": "NoSuchEnv-v0"}, "unknown --env-id"),
         ({"demo_path": str(tmp_path / "none.h5")}, "not found"),
         ({"demo_path": str(tmp_path / "text.h5")}, "cannot read demo file"),
         ({"demo_path": str(tmp_path / "cut.h5")}, "cannot read demo file"),
         ({"demo_path": str(tmp_path / "no_actions.h5")}, "no obs and actions"),
+        ({"demo_path": str(tmp_path / "flat.h5")}, "has obs (6,) / actions (5, 4)"),
         ({"env_id": "PushCube-v1", "demo_path": str(pickcube_demos)}, "demos are for PickCube-v1"),
         ({"checkpoint": str(tmp_path / "x.pt")}, "not found"),
         ({"checkpoint": str(tmp_path / "junk.pt")}, "cannot read"),
@@ -437,8 +441,10 @@ def test_bad_inputs_exit_with_one_line(pickcube_demos, tmp_path, monkeypatch):
         fnp.main(fnp.Args(env_id="InvertedPendulum-v5,InvertedDoublePendulum-v5"))
     with h5py.File(tmp_path / "bad.h5", "w") as f:  # state demos of another env: wrong shapes
         f["traj_0/obs"], f["traj_0/actions"] = np.zeros((6, 10), np.float32), np.zeros((5, 4), np.float32)
-    with pytest.raises(SystemExit, match=r"^error: .*has obs \(6, 10\)"):
-        fnp.load_demos(tmp_path / "bad.h5", fnp.Args(), obs_dim=42, act_dim=4)
+    with pytest.raises(SystemExit, match=r"^error: \S+bad.h5 has obs dim 10 / action dim 4, the env 42 / 4"):
+        bad = tmp_path / "bad.h5"
+        fnp.demo_chunks(bad, fnp.read_demos(bad, "PickCube-v1", fnp.Args()), 8, obs_dim=42, act_dim=4)
     # and through the CLI: one line on stderr, exit code 1, no traceback, nothing written
     assert_one_line_error(run_script("flow_noise_ppo.py", "--gamma", "2"), "--gamma")
-    assert_one_line_error(run_script("flow_noise_ppo.py", "--demo-path", str(tmp_path / "cut.h5")), "cut.h5")
+    cut = run_script("flow_noise_ppo.py", "--env-id", "Pendulum-v1", "--demo-path", str(tmp_path / "cut.h5"))
+    assert_one_line_error(cut, "cut.h5")
