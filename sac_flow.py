@@ -109,9 +109,8 @@ class Args:
     gamma: float | None = None
     """discount (default: 0.8 for ManiSkill like its SAC baseline, 0.99 otherwise)"""
     bootstrap_at_done: bool | None = None
-    """bootstrap through terminations too (default: on for ManiSkill, as its SAC baseline's "always": there a
-    termination is a success, and cutting the return there values success below hovering near the goal; off
-    for gymnasium, where a termination is a fall)"""
+    """bootstrap through terminations too (default: on for ManiSkill, where a termination is a success and a
+    cut return values it below hovering near the goal, as its SAC baseline; off for gymnasium: a fall)"""
     tau: float = 0.01
     """target network smoothing"""
     batch_size: int = 256
@@ -203,9 +202,8 @@ def flow_matching_loss(policy: "FlowPolicy", s, a, x_0, t):
 # ---------------------------------------------------------------------------------------------------------
 # Networks
 class FlowPolicy(nn.Module):
-    def __init__(
-        self, obs_dim, act_dim, velocity, K, hidden, t_dim, c, b, log_sigma_min=-5.0, log_sigma_max=2.0
-    ):
+    def __init__(self, obs_dim, act_dim, velocity, K, hidden, t_dim, c, b, log_sigma_min=-5.0,
+                 log_sigma_max=2.0):  # fmt: skip
         super().__init__()
         self.kind, self.K, self.log_sigma_min, self.log_sigma_max = velocity, K, log_sigma_min, log_sigma_max
         self.register_buffer("c", torch.as_tensor(c, dtype=torch.float32))
@@ -279,17 +277,10 @@ class SoftQ(nn.Module):
     def __init__(self, obs_dim, act_dim, hidden):
         super().__init__()
         self.qs = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(obs_dim + act_dim, hidden),
-                nn.LayerNorm(hidden),
-                nn.ReLU(),
-                nn.Linear(hidden, hidden),
-                nn.LayerNorm(hidden),
-                nn.ReLU(),
-                nn.Linear(hidden, 1),
-            )
+            nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                          nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, 1))
             for _ in range(2)
-        )
+        )  # fmt: skip
 
     def forward(self, s, a):
         sa = torch.cat([s, a], -1)
@@ -305,9 +296,7 @@ class ReplayBuffer:
     def add(self, s, a, r, s2, d):
         idx = (self.pos + torch.arange(len(s))) % self.capacity
         for buf, x in ((self.s, s), (self.a, a), (self.r, r), (self.s2, s2), (self.d, d)):
-            buf[idx.to(self.device)] = torch.as_tensor(
-                np.asarray(x) if not torch.is_tensor(x) else x, dtype=torch.float32, device=self.device
-            )
+            buf[idx.to(self.device)] = torch.as_tensor(x, dtype=torch.float32, device=self.device)
         self.pos, self.size = (self.pos + len(s)) % self.capacity, min(self.size + len(s), self.capacity)
 
     def sample(self, n):
@@ -317,7 +306,8 @@ class ReplayBuffer:
     def state_dict(self):
         """The stored transitions, oldest first (pos is the oldest once the buffer has wrapped), and pos."""
         i = (torch.arange(self.size) + self.pos) % max(self.size, 1)
-        return {"pos": self.pos} | {k: getattr(self, k)[i.to(self.device)].cpu() for k in ("s", "a", "r", "s2", "d")}  # noqa: E501
+        i = i.to(self.device)
+        return {"pos": self.pos} | {k: getattr(self, k)[i].cpu() for k in ("s", "a", "r", "s2", "d")}
 
     def load_state_dict(self, d):
         self.add(*(d[k][-self.capacity :] for k in ("s", "a", "r", "s2", "d")))
@@ -339,7 +329,7 @@ def is_maniskill(env_id: str) -> bool:
     if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
         import mani_skill.envs  # noqa: F401
     if env_id not in gym.registry:
-        fail(f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)")  # noqa: E501
+        fail(f"unknown --env-id {env_id!r}: give a gymnasium id (Hopper-v5) or a ManiSkill3 id (PickCube-v1)")
     entry = gym.registry[env_id].entry_point
     entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
     return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
@@ -392,17 +382,15 @@ def validate(args: Args) -> bool:
 
 
 def make_maniskill(args: Args, num_envs: int, video_dir: str | None = None):
-    """The one ManiSkill gym.make: one env of a CPU worker, or num_envs in one batch (--vector-env maniskill)."""  # noqa: E501
+    """The one ManiSkill gym.make: one env of a CPU worker, or num_envs in one batch (ManiSkillVectorEnv)."""
     import mani_skill.envs  # noqa: F401  (registers the ids, in a spawned worker too)
 
-    kw = dict(max_episode_steps=args.max_episode_steps) if args.max_episode_steps else {}
-    kw |= dict(render_backend="cpu") if args.sim_backend == "physx_cpu" else {}
     env = gym.make(
         args.env_id, num_envs=num_envs, obs_mode="state", control_mode=args.control_mode,
-        reward_mode="normalized_dense", sim_backend=args.sim_backend,
+        reward_mode="normalized_dense", max_episode_steps=args.max_episode_steps,
+        sim_backend=args.sim_backend, render_backend="cpu" if args.sim_backend == "physx_cpu" else "gpu",
         render_mode="rgb_array" if video_dir else None,
         enhanced_determinism=True,  # else unseeded resets use the process's unseeded torch RNG
-        **kw,
     )  # fmt: skip
     if video_dir:
         from mani_skill.utils.wrappers import RecordEpisode
@@ -425,8 +413,8 @@ def make_envs(args: Args, n: int, evaluation: bool, video_dir: str | None = None
             from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
             return CPUGymWrapper(make_maniskill(args, 1, video_dir), ignore_terminations=evaluation)
-        kw = dict(max_episode_steps=args.max_episode_steps) if args.max_episode_steps else {}
-        env = gym.make(args.env_id, render_mode="rgb_array" if video_dir else None, **kw)
+        render_mode = "rgb_array" if video_dir else None
+        env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps, render_mode=render_mode)
         return gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
 
     thunks = [lambda i=i: thunk(video_dir if i == 0 else None) for i in range(n)]
@@ -437,18 +425,15 @@ def make_envs(args: Args, n: int, evaluation: bool, video_dir: str | None = None
 
 
 def np_(x) -> np.ndarray:
+    """ManiSkillVectorEnv returns (and takes) torch tensors, gymnasium's vector envs numpy arrays."""
     return x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
-def is_batched(envs) -> bool:
-    """ManiSkillVectorEnv takes and returns torch tensors; gymnasium's vector envs numpy arrays."""
-    return envs.__class__.__name__ == "ManiSkillVectorEnv"
-
-
-def load_demos(path: str, env_id: str, control_mode: str) -> dict[str, np.ndarray]:
+def load_demos(args: Args) -> dict[str, np.ndarray]:
     """ManiSkill trajectory h5 + json sidecar -> (s, a, r, s', d) arrays; checks the file, not yet the env."""
     import h5py
 
+    path = args.demo_path
     sidecar = os.path.splitext(path)[0] + ".json"
     if not os.path.exists(path) or not os.path.exists(sidecar):
         fail(f"--demo-path {path} or its sidecar {sidecar} not found; make demos with make_demos.sh")
@@ -457,10 +442,10 @@ def load_demos(path: str, env_id: str, control_mode: str) -> dict[str, np.ndarra
         made_for = (info["env_id"], info["env_kwargs"].get("control_mode"))
     except (ValueError, KeyError, TypeError):
         fail(f"{sidecar} is not a ManiSkill trajectory sidecar (no env_info); make demos with make_demos.sh")
-    if made_for != (env_id, control_mode):
-        fail(f"demos are for {made_for[0]} / {made_for[1]}, not {env_id} / {control_mode}; "
+    if made_for != (args.env_id, args.control_mode):
+        fail(f"demos are for {made_for[0]} / {made_for[1]}, not {args.env_id} / {args.control_mode}; "
              "pass matching --env-id and --control-mode")  # fmt: skip
-    out = {k: [] for k in ("s", "a", "r", "s2", "d")}
+    trajs = []  # (s, a, r, s', d) of each trajectory
     try:
         with h5py.File(path, "r") as f:
             for name in f:
@@ -468,19 +453,16 @@ def load_demos(path: str, env_id: str, control_mode: str) -> dict[str, np.ndarra
                 if obs.ndim != 2 or act.ndim != 2 or len(obs) != len(act) + 1:
                     fail(f"{path}/{name} has obs {obs.shape} and actions {act.shape}; need (L+1, n) and "
                          "(L, m): use state demos")  # fmt: skip
-                out["s"].append(obs[:-1])
-                out["s2"].append(obs[1:])
-                out["a"].append(act)
-                out["r"].append(np.asarray(f[name]["rewards"]))
-                out["d"].append(np.asarray(f[name]["terminated"], np.float32))
+                trajs.append((obs[:-1], act, f[name]["rewards"][()], obs[1:], f[name]["terminated"][()]))
     except KeyError as e:
         fail(f"--demo-path {path}: a trajectory lacks obs, actions, rewards or terminated ({e}); "
              "use make_demos.sh")  # fmt: skip
     except OSError as e:
         fail(f"--demo-path {path} is not a readable h5 file ({str(e).splitlines()[0]})")
-    if len({(o.shape[1], a.shape[1]) for o, a in zip(out["s"], out["a"], strict=True)}) != 1:
+    if len({(s.shape[1], a.shape[1]) for s, a, *_ in trajs}) != 1:
         fail(f"--demo-path {path} holds no trajectories, or trajectories of different shapes")
-    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+    columns = (np.concatenate(c).astype(np.float32) for c in zip(*trajs, strict=True))
+    return dict(zip(("s", "a", "r", "s2", "d"), columns, strict=True))
 
 
 def atomic_save(obj, path):
@@ -503,8 +485,9 @@ def set_rng_state(state: dict, act_space):
     act_space.np_random.bit_generator.state = state["action_space"]
 
 
-def load_checkpoint(args: Args) -> dict:
-    """The checkpoint of --checkpoint, checked to come from this script with this network."""
+def load_checkpoint(args: Args, training: bool) -> tuple[dict, dict | None]:
+    """--checkpoint, checked to come from this script with this network, and to resume training the replay
+    buffer beside it (None at step 0: the buffer then holds the demos only)."""
     path = args.checkpoint
     if not os.path.isfile(path):
         fail(f"--checkpoint {path} not found")
@@ -514,37 +497,33 @@ def load_checkpoint(args: Args) -> dict:
         fail(f"--checkpoint {path} is not a torch file ({type(e).__name__})")
     script = ckpt.get("script") if isinstance(ckpt, dict) else None
     if script != "sac_flow":
-        fail(f"--checkpoint {path} was not written by this sac_flow.py ({f'by {script}.py' if script else 'no script key: another script or an older version'}); retrain")  # noqa: E501
-    keys = "env_id control_mode velocity denoising_steps hidden_dim transformer_dim log_sigma_min log_sigma_max"  # noqa: E501
-    keys = keys.split() + ([] if args.evaluate or args.save_demos else ["demo_path"])
+        by = f"by {script}.py" if script else "no script key: another script or an older version"
+        fail(f"--checkpoint {path} was not written by this sac_flow.py ({by}); retrain")
+    keys = ["env_id", "control_mode", "velocity", "denoising_steps", "hidden_dim", "transformer_dim",
+            "log_sigma_min", "log_sigma_max"] + (["demo_path"] if training else [])  # fmt: skip
     for key in keys:
         if ckpt["args"][key] != getattr(args, key):
             fail(f"checkpoint {path} has {key}={ckpt['args'][key]!r} but this run has "
                  f"{getattr(args, key)!r}; pass --{key.replace('_', '-')} {ckpt['args'][key]}")  # fmt: skip
-    return ckpt
-
-
-def load_buffer(args: Args, ckpt: dict) -> dict | None:
-    """The replay buffer saved beside a checkpoint (None at step 0: it then holds the demos only)."""
-    if ckpt["global_step"] == 0:
-        return None
-    path = os.path.join(os.path.dirname(args.checkpoint), "buffer.pt")
+    if not training or ckpt["global_step"] == 0:
+        return ckpt, None
+    path = os.path.join(os.path.dirname(path), "buffer.pt")
     try:
         buffer = torch.load(path, map_location="cpu")
     except Exception as e:
         fail(f"resuming needs the replay buffer {path} beside --checkpoint: unreadable ({type(e).__name__})")
     if len(buffer["r"]) != ckpt["buffer_transitions"]:
         fail(f"{path} holds {len(buffer['r'])} transitions, the checkpoint {ckpt['buffer_transitions']}")
-    return buffer
+    return ckpt, buffer
 
 
 @torch.no_grad()
 def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
     """Runs n_episodes with the noise-free flow (x_{k+1} = μ_k); returns mean return, success_once/at_end.
     If `episodes` is a list, each episode's (obs, actions, return) is appended to it."""
-    returns, once, at_end, trajs = [], [], [], []
-    while len(returns) < n_episodes:
-        obs, _ = envs.reset(seed=seed + len(returns))
+    results, trajs = [], []  # (return, success_once, success_at_end) and (obs, actions, return) per episode
+    while len(results) < n_episodes:
+        obs, _ = envs.reset(seed=seed + len(results))
         n = len(np_(obs))
         ret, done, s_once, s_end = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
         steps = [([], []) for _ in range(n)]
@@ -554,7 +533,7 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
                 for i in np.flatnonzero(~done):
                     steps[i][0].append(np_(obs)[i])
                     steps[i][1].append(np_(a)[i])
-            obs, r, term, trunc, info = envs.step(a if is_batched(envs) else np_(a))
+            obs, r, term, trunc, info = envs.step(a if torch.is_tensor(obs) else np_(a))
             info = info.get("final_info", info)  # ManiSkillVectorEnv: info of the reset that followed the end
             ret += np_(r) * ~done
             if "success" in info:
@@ -562,12 +541,12 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
                 s_once |= s & ~done
                 s_end = np.where(done, s_end, s)
             done |= np_(term).astype(bool) | np_(trunc).astype(bool)
-        returns, once, at_end = returns + list(ret), once + list(s_once), at_end + list(s_end)
+        results += zip(ret, s_once, s_end, strict=True)
         if episodes is not None:
             trajs += [(np.stack(o), np.stack(a), g) for (o, a), g in zip(steps, ret, strict=True)]
     if episodes is not None:
         episodes += trajs[:n_episodes]
-    return np.mean(returns[:n_episodes]), np.mean(once[:n_episodes]), np.mean(at_end[:n_episodes])
+    return tuple(np.mean(column) for column in zip(*results[:n_episodes], strict=True))
 
 
 def descend(opt, loss):
@@ -588,19 +567,16 @@ def check_finite(losses: dict, step, ckpt_path: str):
 def main(args: Args):
     t_launch = time.time()
     maniskill = validate(args)
-    ckpt = load_checkpoint(args) if args.checkpoint else None
+    training = not (args.evaluate or args.save_demos)
+    ckpt, saved_buffer = load_checkpoint(args, training) if args.checkpoint else (None, None)
     if args.seed is None:
         args.seed = ckpt["args"]["seed"] if ckpt else 1
-    training = not (args.evaluate or args.save_demos)
-    saved_buffer = load_buffer(args, ckpt) if training and ckpt else None
-    demos = None
-    if training and args.demo_path:
-        demos = load_demos(args.demo_path, args.env_id, args.control_mode)
+    demos = load_demos(args) if training and args.demo_path else None
+    n_demo = 0 if demos is None else len(demos["s"])
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if training:
         backend = f"{args.sim_backend}, {args.vector_env}" if maniskill else "gymnasium"
-        n_demo = 0 if demos is None else len(demos["s"])
         print(f"run runs/{run_name} | env {args.env_id} ({backend}) | device {device}"
               + (f" | demos {n_demo} transitions" if demos else ""), flush=True)  # fmt: skip
     random.seed(args.seed)
@@ -634,36 +610,31 @@ def main(args: Args):
         "alpha": torch.optim.Adam([log_alpha], lr=args.critic_learning_rate),
     }
     if ckpt is not None:
-        policy.load_state_dict(ckpt["policy"])
-        qf.load_state_dict(ckpt["qf"])
-        qf_target.load_state_dict(ckpt["qf_target"])
+        for name, net in (("policy", policy), ("qf", qf), ("qf_target", qf_target)):
+            net.load_state_dict(ckpt[name])
         log_alpha.data.copy_(ckpt["log_alpha"])
         for k, o in opts.items():
             o.load_state_dict(ckpt["opts"][k])
 
     if args.evaluate:
         ret, once, end = evaluate(policy, eval_envs, args.eval_episodes, device, args.seed + 10_000)
-        result = dict(checkpoint=args.checkpoint, global_step=ckpt["global_step"], seed=args.seed,
-                      eval_episodes=args.eval_episodes, success_once=once, success_at_end=end)  # fmt: skip
-        result["return"] = ret
         out = os.path.splitext(args.checkpoint)[0] + ".eval.json"
         with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump({"checkpoint": args.checkpoint, "global_step": ckpt["global_step"], "seed": args.seed,
+                       "eval_episodes": args.eval_episodes, "success_once": once, "success_at_end": end,
+                       "return": ret}, f, indent=1)  # fmt: skip
         print(f"eval step {ckpt['global_step']}: return {ret:.3f} success_once {once:.3f} success_at_end "
               f"{end:.3f} ({args.eval_episodes} episodes, seed {args.seed}; {out})")  # fmt: skip
         return
     if args.save_demos:
         eps = []
         evaluate(policy, eval_envs, args.save_demos, device, args.seed + 20_000, episodes=eps)
+        obs, actions, returns = zip(*eps, strict=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.demo_out)), exist_ok=True)
-        np.savez_compressed(
-            args.demo_out,
-            obs=np.concatenate([o for o, _, _ in eps]).astype(np.float32),
-            actions=np.concatenate([a for _, a, _ in eps]).astype(np.float32),
-            episode_ends=np.cumsum([len(o) for o, _, _ in eps]),
-            returns=np.array([g for _, _, g in eps]),
-        )
-        print(f"wrote {len(eps)} episodes, mean return {np.mean([g for *_, g in eps]):.1f}: {args.demo_out}")
+        np.savez_compressed(args.demo_out, obs=np.concatenate(obs).astype(np.float32),
+                            actions=np.concatenate(actions).astype(np.float32), returns=np.array(returns),
+                            episode_ends=np.cumsum([len(o) for o in obs]))  # fmt: skip
+        print(f"wrote {len(eps)} episodes, mean return {np.mean(returns):.1f}: {args.demo_out}")
         return
 
     from torch.utils.tensorboard import SummaryWriter
@@ -781,7 +752,7 @@ def main(args: Args):
         else:
             with torch.no_grad():
                 a_t = policy(s_t)[0]
-        next_obs, r, term, trunc, info = envs.step(a_t if is_batched(envs) else np_(a_t))
+        next_obs, r, term, trunc, info = envs.step(a_t if torch.is_tensor(obs) else np_(a_t))
         r, term, trunc = np_(r).astype(np.float64), np_(term).astype(bool), np_(trunc).astype(bool)
         real_next = np_(next_obs).copy()
         ended = np_(info.get("_final_obs", info.get("_final_observation", np.zeros(args.num_envs, bool))))
