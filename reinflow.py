@@ -219,7 +219,7 @@ def sample_chain(policy, s, K, sigma_min, sigma_max):
 
 def chain_log_prob(policy, s, chain, K, sigma_min, sigma_max):
     """Normalised log pi(x_0:J | s) and entropy of a chain (B, J+1, D) on the grid of K steps (J = K: the
-    whole     chain; J < K scores its first J steps); see the module docstring."""
+    whole chain; J < K scores its first J steps); see the module docstring."""
     n, D = chain.shape[1], chain.shape[-1]
     logp = -0.5 * (chain[:, 0] ** 2).sum(-1) - 0.5 * D * math.log(2 * math.pi)
     entropy = torch.full_like(logp, 0.5 * D * math.log(2 * math.pi * math.e))
@@ -279,8 +279,8 @@ def gae(rewards, values, dones, next_value, gamma, gae_lambda):
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
-        nv = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]
+        nxt = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]
         last = delta + gamma * gae_lambda * (1 - dones[t]) * last
         adv[t] = last
     return adv, adv + values
@@ -382,9 +382,7 @@ def is_maniskill(env_id: str) -> bool:
     if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
         import mani_skill.envs  # noqa: F401
     if env_id not in gym.registry:
-        fail(
-            f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)"  # noqa: E501
-        )
+        fail(f"unknown --env-id {env_id!r}: give a gymnasium id (Hopper-v5) or a ManiSkill3 id (PickCube-v1)")
     entry = gym.registry[env_id].entry_point
     entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
     return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
@@ -416,9 +414,8 @@ def make_env(args: Args, video_dir: str | None = None):
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
         return CPUGymWrapper(make_maniskill(args, 1, video_dir), ignore_terminations=True)
-    env = gym.make(
-        args.env_id, max_episode_steps=args.max_episode_steps, render_mode="rgb_array" if video_dir else None
-    )
+    render_mode = "rgb_array" if video_dir else None
+    env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps, render_mode=render_mode)
     return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: True) if video_dir else env
 
 
@@ -537,29 +534,33 @@ def evaluate(policy, envs, obs_norm, K, n_episodes, seed, bounds, trajectories=N
     to end overall would favour short (e.g. fallen) episodes. A list `trajectories` gets each kept episode's
     (obs, env actions, return)."""
     obs, episodes = reset_all(envs, seed), []
-    ep = new_episode_stats(len(obs))
+    n = len(obs)
+    ep = new_episode_stats(n)
     gen = torch.Generator(policy.sigma_net[0].weight.device).manual_seed(seed)
-    quota = [n_episodes // len(obs) + (i < n_episodes % len(obs)) for i in range(len(obs))]
-    steps = [([], []) for _ in range(len(obs))]
+    quota = [n_episodes // n + (i < n_episodes % n) for i in range(n)]
+    steps = [[] for _ in range(n)]  # (obs, env action) of each env's running episode
     while any(quota):
         s = obs_norm(obs)
-        x0 = torch.randn(len(obs), policy.D, generator=gen, device=s.device)
-        chunk = ode_action(policy, s, K, x0).reshape(len(obs), -1, len(bounds[0])).cpu().numpy()
-        trace = [] if trajectories is not None else None
-        obs, _, _, _, _, eps = step_chunk(envs, obs, chunk, ep, *bounds, trace)
-        for o, a, alive in trace or []:
+        x0 = torch.randn(n, policy.D, generator=gen, device=s.device)
+        chunk = ode_action(policy, s, K, x0).reshape(n, -1, len(bounds[0])).cpu().numpy()
+        trace = []
+        obs, *_, eps = step_chunk(envs, obs, chunk, ep, *bounds, trace)
+        for o, a, alive in trace:
             for i in np.flatnonzero(alive):
-                steps[i][0].append(o[i])
-                steps[i][1].append(a[i])
+                steps[i].append((o[i], a[i]))
         for e in eps:
             i = e["env"]
             if quota[i] > 0:
                 quota[i] -= 1
                 episodes.append(e)
                 if trajectories is not None:
-                    trajectories.append((np.stack(steps[i][0]), np.stack(steps[i][1]), e["episode_return"]))
-            steps[e["env"]] = ([], [])
+                    trajectories.append((*map(np.stack, zip(*steps[i], strict=True)), e["episode_return"]))
+            steps[i] = []
     return {k: float(np.mean([e[k] for e in episodes])) for k in EPISODE_KEYS}
+
+
+def eval_line(step, m):
+    return f"eval step {step}: " + " ".join(f"{k.removeprefix('episode_')} {v:.4f}" for k, v in m.items())
 
 
 # ---------------------------------------------------------------- demonstrations and checkpoints
@@ -568,35 +569,7 @@ def read_demos(path, env_id, control_mode, num_demos):
     (env units); the second value says whether the actions still need scaling to [-1, 1]."""
     if not os.path.exists(path):
         fail(f"--demo-path {path} not found (make it: bash make_demos.sh {env_id} 100 {control_mode})")
-    episodes = []
-    if path.endswith(".h5"):
-        import h5py
-
-        sidecar = path[:-3] + ".json"
-        if not os.path.exists(sidecar):
-            fail(f"{sidecar} is missing: ManiSkill demos come as h5 + json (made by make_demos.sh)")
-        info = json.load(open(sidecar))["env_info"]
-        mode = info["env_kwargs"].get("control_mode")
-        if info["env_id"] != env_id or mode != control_mode:
-            fail(
-                f"demos are for {info['env_id']} with control mode {mode}, but this run is {env_id} with "
-                f"{control_mode}: pass matching --env-id/--control-mode or remake the demos"
-            )
-        try:
-            with h5py.File(path, "r") as f:
-                keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
-                for k in keys[:num_demos]:
-                    o, a = np.asarray(f[k]["obs"]), np.asarray(f[k]["actions"])
-                    if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) + 1:
-                        fail(
-                            f"{path}/{k}: obs {o.shape}, actions {a.shape}: need (L+1, obs_dim), (L, act_dim)"
-                        )
-                    episodes.append((o[:-1], a))
-        except (OSError, KeyError) as e:
-            fail(
-                f"--demo-path {path} is not a readable ManiSkill h5 with traj_*/obs and traj_*/actions ({e})"
-            )
-    elif path.endswith(".npz"):
+    if path.endswith(".npz"):
         try:
             d = dict(np.load(path))
         except Exception as e:  # noqa: BLE001  (np.load raises several kinds for a bad file)
@@ -607,12 +580,33 @@ def read_demos(path, env_id, control_mode, num_demos):
         if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) or len(ends) == 0 or ends[-1] != len(o):
             fail(f"{path}: obs {o.shape}, actions {a.shape} must have N rows and episode_ends must end at N")
         episodes = [(o[s:e], a[s:e]) for s, e in zip(np.r_[0, ends[:-1]], ends, strict=True) if e > s]
-        episodes = episodes[:num_demos]
+    elif path.endswith(".h5"):
+        import h5py
+
+        sidecar = path[:-3] + ".json"
+        if not os.path.exists(sidecar):
+            fail(f"{sidecar} is missing: ManiSkill demos come as h5 + json (made by make_demos.sh)")
+        info = json.load(open(sidecar))["env_info"]
+        mode = info["env_kwargs"].get("control_mode")
+        if info["env_id"] != env_id or mode != control_mode:
+            fail(f"demos are for {info['env_id']} with control mode {mode}, but this run is {env_id} with "
+                 f"{control_mode}: pass matching --env-id/--control-mode or remake the demos")  # fmt: skip
+        try:
+            with h5py.File(path, "r") as f:
+                keys = sorted((k for k in f if k.startswith("traj_")), key=lambda k: int(k.split("_")[1]))
+                keys = keys[:num_demos]
+                episodes = [(np.asarray(f[k]["obs"]), np.asarray(f[k]["actions"])) for k in keys]
+        except (OSError, KeyError) as e:
+            fail(f"--demo-path {path} is not a readable ManiSkill h5 with traj_*/obs and actions ({e})")
+        for k, (o, a) in zip(keys, episodes, strict=True):
+            if o.ndim != 2 or a.ndim != 2 or len(o) != len(a) + 1:
+                fail(f"{path}/{k}: obs {o.shape}, actions {a.shape}: need (L+1, obs_dim), (L, act_dim)")
+        episodes = [(o[:-1], a) for o, a in episodes]
     else:
         fail(f"--demo-path {path}: demos must be a ManiSkill .h5 (with .json) or an .npz")
-    if not episodes:
+    if not episodes[:num_demos]:
         fail(f"--demo-path {path} holds no episodes")
-    return episodes, path.endswith(".npz")
+    return episodes[:num_demos], path.endswith(".npz")
 
 
 def demo_chunks(episodes, scale, obs_dim, low, high, horizon, env_id):
@@ -620,10 +614,8 @@ def demo_chunks(episodes, scale, obs_dim, low, high, horizon, env_id):
     action."""
     o, a = episodes[0]
     if o.shape[1] != obs_dim or a.shape[1] != len(low):
-        fail(
-            f"demos have obs dim {o.shape[1]} and action dim {a.shape[1]}, but {env_id} has {obs_dim} and "
-            f"{len(low)}: wrong env id, control mode or observation mode?"
-        )
+        fail(f"demos have obs dim {o.shape[1]} and action dim {a.shape[1]}, but {env_id} has {obs_dim} and "
+             f"{len(low)}: wrong env id, control mode or observation mode?")  # fmt: skip
     S, A = [], []
     for o, a in episodes:
         a = np.clip((a - low) / (high - low) * 2 - 1 if scale else a, -1, 1).astype(np.float32)
@@ -671,27 +663,19 @@ def check_args(args: Args, maniskill: bool):
         fail("--sim-backend physx_cuda needs a CUDA GPU and --cuda: use --sim-backend physx_cpu")
     if maniskill and args.sim_backend == "physx_cuda" and args.vector_env == "gymnasium":
         fail("--vector-env gymnasium runs one physx_cpu simulator per process: use --sim-backend physx_cpu")
-    if (
-        args.sim_backend == "physx_cpu"
-        and args.vector_env == "maniskill"
-        and max(args.num_envs, args.num_eval_envs) > 1
-    ):
+    cpu_batch = args.sim_backend == "physx_cpu" and args.vector_env == "maniskill"
+    if cpu_batch and max(args.num_envs, args.num_eval_envs) > 1:
         fail("--vector-env maniskill on physx_cpu needs --num-envs 1 and --num-eval-envs 1")
-    a = args
-    checks = {
-        "--num-envs and --num-eval-envs must be >= 1": min(a.num_envs, a.num_eval_envs) >= 1,
-        "--denoising-steps and --action-horizon must be >= 1": min(a.denoising_steps, a.action_horizon) >= 1,
-        "--total-timesteps, --sft-steps, --save-demos must be >= 0":
-            min(a.total_timesteps, a.sft_steps, a.save_demos) >= 0,
-        "--num-steps, --num-minibatches, --update-epochs, --eval-freq, --eval-episodes, --sft-batch-size "
-        "must be >= 1": min(a.num_steps, a.num_minibatches, a.update_epochs, a.eval_freq, a.eval_episodes,
-                    a.sft_batch_size) >= 1,
-        "--gamma must be in (0, 1] and --gae-lambda in [0, 1]": 0 < a.gamma <= 1 and 0 <= a.gae_lambda <= 1,
-        "need 0 < --sigma-min <= --sigma-max": 0 < a.sigma_min <= a.sigma_max,
-    }  # fmt: skip
-    for msg, ok in checks.items():
-        if not ok:
-            fail(msg)
+    lowest = dict(num_envs=1, num_eval_envs=1, denoising_steps=1, action_horizon=1, num_steps=1, eval_freq=1,
+                  num_minibatches=1, update_epochs=1, eval_episodes=1, sft_batch_size=1, total_timesteps=0,
+                  sft_steps=0, save_demos=0)  # fmt: skip
+    for name, low in lowest.items():
+        if getattr(args, name) < low:
+            fail(f"--{name.replace('_', '-')} must be >= {low}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail("--gamma must be in (0, 1] and --gae-lambda in [0, 1]")
+    if not 0 < args.sigma_min <= args.sigma_max:
+        fail("need 0 < --sigma-min <= --sigma-max")
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_iterations = args.total_timesteps // (args.batch_size * args.action_horizon)
@@ -735,15 +719,9 @@ def main(args: Args):
     actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
     obs_mean, obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
-    start_iter, global_step = 0, 0
     if ckpt is not None:
         policy.load_state_dict(ckpt["policy"])
         obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
-        if ckpt["phase"] == "rl":
-            critic.load_state_dict(ckpt["critic"])
-            actor_opt.load_state_dict(ckpt["actor_opt"])
-            critic_opt.load_state_dict(ckpt["critic_opt"])
-            start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
 
     def obs_norm(o):
         return torch.as_tensor(((o - obs_mean) / obs_std).astype(np.float32), device=device)
@@ -751,7 +729,7 @@ def main(args: Args):
     if args.evaluate:
         m = evaluate(policy, envs, obs_norm, K, args.eval_episodes, args.seed + 10_000, bounds)
         step = ckpt.get("global_step", 0)
-        print(f"eval step {step}: " + " ".join(f"{k.removeprefix('episode_')} {v:.4f}" for k, v in m.items()))
+        print(eval_line(step, m))
         out = args.checkpoint.removesuffix(".pt") + ".eval.json"
         with open(out, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "step": step, "episodes": args.eval_episodes, **m}, f)
@@ -759,16 +737,13 @@ def main(args: Args):
         return m
     if args.save_demos:
         eps = []
-        evaluate(policy, envs, obs_norm, K, args.save_demos, args.seed + 20_000, bounds, trajectories=eps)
+        evaluate(policy, envs, obs_norm, K, args.save_demos, args.seed + 20_000, bounds, eps)
+        obs, actions, returns = zip(*eps, strict=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.demo_out)), exist_ok=True)
-        np.savez_compressed(
-            args.demo_out,
-            obs=np.concatenate([o for o, _, _ in eps]).astype(np.float32),
-            actions=np.concatenate([a for _, a, _ in eps]).astype(np.float32),
-            episode_ends=np.cumsum([len(o) for o, _, _ in eps]),
-            returns=np.array([g for _, _, g in eps]),
-        )
-        print(f"wrote {len(eps)} episodes, mean return {np.mean([g for *_, g in eps]):.1f}: {args.demo_out}")
+        ends, returns = np.cumsum([len(o) for o in obs]), np.array(returns)
+        obs, actions = (np.concatenate(x).astype(np.float32) for x in (obs, actions))
+        np.savez_compressed(args.demo_out, obs=obs, actions=actions, episode_ends=ends, returns=returns)
+        print(f"wrote {len(eps)} episodes, mean return {np.mean(returns):.1f}: {args.demo_out}")
         return
 
     from torch.utils.tensorboard import SummaryWriter
@@ -780,34 +755,28 @@ def main(args: Args):
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
-    backend = args.sim_backend if maniskill else "gymnasium"
-    print(
-        f"run {run_dir} | env {args.env_id} ({backend}, {args.vector_env}) | device {device}"
-        + (f" | demos {len(S)} transitions" if demos else ""),
-        flush=True,
-    )
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    backend = f"{args.sim_backend if maniskill else 'gymnasium'}, {args.vector_env}"
+    demos_note = f" | demos {len(S)} transitions" if demos else ""
+    print(f"run {run_dir} | env {args.env_id} ({backend}) | device {device}{demos_note}", flush=True)
 
-    def state(phase, **extra):
-        mean, std, pol = torch.as_tensor(obs_mean), torch.as_tensor(obs_std), policy.state_dict()
-        return dict(phase=phase, policy=pol, args=vars(args), obs_mean=mean, obs_std=std, **extra)
+    def checkpoint(path, phase, **extra):
+        stats = dict(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), args=vars(args))
+        save_checkpoint(path, dict(phase=phase, policy=policy.state_dict(), **stats, **extra))
 
     # ALGO LOGIC: flow-matching behaviour cloning (SFT) with an EMA of the weights
     if demos is not None:
         obs_mean, obs_std = S.mean(0), S.std(0) + 1e-3
         S, A = obs_norm(S), torch.as_tensor(A, device=device)
+        sft_loss = rectified_flow_loss if args.flow == "reflow" else shortcut_loss
         ema = [p.detach().clone() for p in policy.v.parameters()]
         opt = torch.optim.AdamW(policy.v.parameters(), lr=args.sft_lr, weight_decay=1e-6)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.sft_steps, args.sft_lr / 10)
-        start = time.time()
+        t0 = time.time()
         for step in range(args.sft_steps):
             idx = torch.randint(0, len(S), (args.sft_batch_size,), device=device)
-            if args.flow == "reflow":
-                loss = rectified_flow_loss(policy.v, S[idx], A[idx])
-            else:
-                loss = shortcut_loss(policy.v, S[idx], A[idx])
+            loss = sft_loss(policy.v, S[idx], A[idx])
             if not torch.isfinite(loss):
                 fail(f"non-finite sft_loss at sft step {step}; no checkpoint written")
             opt.zero_grad()
@@ -818,13 +787,11 @@ def main(args: Args):
                 torch._foreach_lerp_(ema, list(policy.v.parameters()), 1 - 0.995)
             if step % 1000 == 0 or step == args.sft_steps - 1:
                 writer.add_scalar("losses/sft_loss", loss.item(), step)
-                print(
-                    f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - start:.0f}s"
-                )
+                print(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
         with torch.no_grad():
             torch._foreach_copy_(list(policy.v.parameters()), ema)
         if args.save_model:
-            save_checkpoint(f"{run_dir}/sft.pt", state("sft"))
+            checkpoint(f"{run_dir}/sft.pt", "sft")
     ref_policy = FlowPolicy(obs_dim, Ta, Da, args.hidden_dim, args.flow == "shortcut").to(device)
     ref_policy.load_state_dict(ckpt["ref_policy"] if ckpt and "ref_policy" in ckpt else policy.state_dict())
     ref_policy.requires_grad_(False)
@@ -837,7 +804,12 @@ def main(args: Args):
     chain_buf = torch.zeros(T, N, K + 1, D, device=device)
     logp_buf, val_buf, rew_buf, done_buf = (torch.zeros(T, N, device=device) for _ in range(4))
     scaler = RunningReturnStd(N, args.gamma)
+    start_iter, global_step = 0, 0
     if ckpt is not None and ckpt["phase"] == "rl":
+        critic.load_state_dict(ckpt["critic"])
+        actor_opt.load_state_dict(ckpt["actor_opt"])
+        critic_opt.load_state_dict(ckpt["critic_opt"])
+        start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
         scaler.mean, scaler.var, scaler.count = ckpt["reward_scaler"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
@@ -853,22 +825,16 @@ def main(args: Args):
         m = evaluate(policy, eval_envs, obs_norm, K, args.eval_episodes, args.seed + 10_000, bounds)
         for k, v in m.items():
             writer.add_scalar(f"eval/{k.removeprefix('episode_')}", v, global_step)
-        print(
-            f"eval step {global_step}: "
-            + " ".join(f"{k.removeprefix('episode_')} {v:.4f}" for k, v in m.items())
-        )
+        print(eval_line(global_step, m))
         row = [time.time() - start_time, m["episode_return"], m["success_once"], m["success_at_end"]]
         with open(curve_csv, "a") as f:
             f.write(f"{it},{global_step}," + ",".join(f"{x:.4g}" for x in row) + "\n")
         if args.save_model:
             nets = dict(critic=critic, actor_opt=actor_opt, critic_opt=critic_opt, ref_policy=ref_policy)
             rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), random=random.getstate())
-            extra = dict(
-                iteration=it, global_step=global_step, reward_scaler=(scaler.mean, scaler.var, scaler.count)
-            )
-            save_checkpoint(
-                ckpt_path, state("rl", rng=rng, **extra, **{k: m.state_dict() for k, m in nets.items()})
-            )
+            scaler_state = (scaler.mean, scaler.var, scaler.count)
+            checkpoint(ckpt_path, "rl", iteration=it, global_step=global_step, reward_scaler=scaler_state,
+                       rng=rng, **{k: net.state_dict() for k, net in nets.items()})  # fmt: skip
 
     if start_iter == 0:
         log_eval(0)
@@ -921,10 +887,9 @@ def main(args: Args):
             loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss + args.bc_coef * bc_loss
             if not torch.isfinite(loss):
                 fail(f"non-finite loss at step {global_step}; last good checkpoint: {ckpt_path}")
-            if (
-                epoch == 0 and start == 0
-            ):  # the sampler's stored log-prob against the scorer's, same parameters;
-                # float32 GEMMs of other batch sizes round differently, so single ratios get a looser bound
+            # the first minibatch checks the sampler's stored log-prob against the scorer's (same parameters);
+            # float32 GEMMs of other batch sizes round differently, so single ratios get a looser bound
+            if epoch == 0 and start == 0:
                 err, worst = (ratio.mean() - 1).abs().item(), (ratio - 1).abs().max().item()
                 assert err < 1e-6 and worst < 1e-4, f"first-minibatch ratio off by {err} (max {worst})"
             actor_opt.zero_grad()
@@ -942,10 +907,10 @@ def main(args: Args):
         explained_var = 1 - np.var(y_true - y_pred) / (np.var(y_true) + 1e-8)
         sps = (global_step - step_log) / (time.time() - t_log)
         t_log, step_log = time.time(), global_step
-        losses = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy.mean(), approx_kl=approx_kl)
-        for k, v in (losses | dict(clipfrac=clipfrac, bc_loss=bc_loss)).items():
-            writer.add_scalar(f"losses/{k}", v.item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        losses = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy.mean(), approx_kl=approx_kl,
+                      clipfrac=clipfrac, bc_loss=bc_loss, explained_variance=explained_var)  # fmt: skip
+        for k, v in losses.items():
+            writer.add_scalar(f"losses/{k}", float(v), global_step)
         writer.add_scalar("charts/sigma_max", sig_max, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         line = f"step {global_step}/{args.num_iterations * T * N * Ta} | {sps:.0f} steps/s"

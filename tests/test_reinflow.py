@@ -406,43 +406,37 @@ def checkpoints(stdout):
     return [ln.split("checkpoint ")[1] for ln in stdout.splitlines() if ln.startswith("checkpoint ")]
 
 
-def test_smoke_mujoco_sft_finetune_evaluate_save_demos(tmp_path):
+def test_smoke_mujoco_sft_finetune_evaluate_save_demos(tmp_path, monkeypatch, capsys):
     """Shortcut flow, K=2 on Hopper-v5 from a random-action npz; then --evaluate (the number logged in
-    training,    written to <ckpt>.eval.json) and --save-demos of the checkpoint through the CLI."""
+    training, written to <ckpt>.eval.json) and --save-demos of the checkpoint."""
+    monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     demos, saved = tmp_path / "random.npz", tmp_path / "saved.npz"
     np.savez(demos, obs=rng.normal(size=(60, 11)), actions=rng.uniform(-1, 1, (60, 3)), episode_ends=[30, 60])
     hop = "--env-id Hopper-v5 --num-envs 1 --num-eval-envs 1 --max-episode-steps 30 --flow shortcut".split()
     hop += ["--denoising-steps", "2", "--hidden-dim", "32"]
     ft = "--sft-steps 20 --total-timesteps 80 --num-steps 10 --eval-episodes 1 --critic-warmup-iters 0"
-    ft += " --seed 3"
-    r = run_script("reinflow.py", *hop, "--demo-path", str(demos), *ft.split())
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith("run runs/Hopper-v5__reinflow__3__") and "| demos 60 transitions" in r.stdout
-    assert "step 80/80" in r.stdout and "eval step 80:" in r.stdout
-    sft, *_, ckpt = checkpoints(r.stdout)
+    main(*hop, "--demo-path", str(demos), *ft.split(), "--seed", "3")
+    out = capsys.readouterr().out
+    assert out.startswith("run runs/Hopper-v5__reinflow__3__") and "| demos 60 transitions" in out
+    assert "step 80/80" in out and "eval step 80:" in out
+    sft, *_, ckpt = checkpoints(out)
     assert sft.endswith("sft.pt") and ckpt.endswith("ckpt.pt")
-    logged = [ln for ln in r.stdout.splitlines() if ln.startswith("eval step 80:")][0]
-    r = run_script("reinflow.py", *hop, "--checkpoint", ckpt, "--evaluate", "--eval-episodes", "1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (
-        logged in r.stdout
-    )  # the checkpoint's seed 3 and its own x_0 generator: the number logged in training
+    logged = [ln for ln in out.splitlines() if ln.startswith("eval step 80:")][0]
+    main(*hop, "--checkpoint", ckpt, "--evaluate", "--eval-episodes", "1")
+    # the checkpoint's seed 3 and its own x_0 generator: the number logged in training
+    assert logged in capsys.readouterr().out
     m = json.load(open(ckpt.removesuffix(".pt") + ".eval.json"))
     assert m["episodes"] == 1 and m["step"] == 80 and np.isfinite(m["episode_return"])
-    r = run_script("reinflow.py", *hop, "--checkpoint", ckpt, "--save-demos", "2", "--demo-out", str(saved))
-    assert r.returncode == 0, r.stderr[-2000:]
+    main(*hop, "--checkpoint", ckpt, "--save-demos", "2", "--demo-out", str(saved))
     d = np.load(saved)
-    assert (
-        d["obs"].shape[1] == 11
-        and d["actions"].shape == (d["episode_ends"][-1], 3)
-        and len(d["returns"]) == 2
-    )
+    assert d["obs"].shape[1] == 11 and len(d["returns"]) == 2
+    assert d["actions"].shape == (d["episode_ends"][-1], 3)
 
 
 def test_batched_path_on_cpu_sft_train_resume_evaluate(pickcube_demos, tmp_path, monkeypatch):
     """The GPU code path (one batched ManiSkill env in ManiSkillVectorEnv) on physx_cpu: SFT, a few hundred
-    env    steps of PPO with evaluations and checkpoints, a resume that continues the run, then --evaluate."""
+    env steps of PPO with evaluations and checkpoints, a resume that continues the run, then --evaluate."""
     monkeypatch.chdir(tmp_path)
     pick = (
         "--env-id PickCube-v1 --sim-backend physx_cpu --vector-env maniskill --num-envs 1 --num-eval-envs 1"
