@@ -745,8 +745,7 @@ def main(args):
         res = evaluate(agent, envs, args, device)
         envs.close()
         print(f"eval step {global_step}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
-        stem = args.checkpoint[: -len(".pt")] if args.checkpoint.endswith(".pt") else args.checkpoint
-        with open(stem + ".eval.json", "w") as f:
+        with open(args.checkpoint.removesuffix(".pt") + ".eval.json", "w") as f:
             json.dump(dict(res, checkpoint=args.checkpoint, global_step=global_step, seed=args.seed,
                            eval_episodes=args.eval_episodes), f, indent=1)  # fmt: skip
         return res
