@@ -14,7 +14,7 @@ make_demos.sh, unlimited interaction). Real demos come from a short closed-loop 
 (scripted_pick_expert, scripted_push_expert, scripted_stack_expert) run in the shifted env: it works under the
 shift, and, like real teleoperation vs sim planning, its style differs from the sim demos. Only PickCube-v1,
 PushCube-v1 and StackCube-v1 have such an expert here. One set of shift rules (ShiftWrapper) serves both
-simulator paths: actions are delayed, scaled and noised on ManiSkill's batched tensors, and the task objects'
+simulator paths: actions are delayed and scaled on ManiSkill's batched tensors, and the task objects'
 mass and friction are set when the scene is built, which physx_cuda requires.
 
 Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
@@ -51,13 +51,7 @@ import tyro
 
 MODES = ("real-only", "sft-cotrain", "rl-co", "rl-sim-only")
 # shift key -> nominal value; "real" and --eval-shift override some of them
-NOMINAL_SHIFT = {
-    "action_scale": 1.0,
-    "action_delay": 0,
-    "action_noise": 0.0,
-    "cube_mass": 1.0,
-    "cube_friction": 1.0,
-}
+NOMINAL_SHIFT = dict(action_scale=1.0, action_delay=0, cube_mass=1.0, cube_friction=1.0)
 
 
 @dataclass
@@ -105,8 +99,8 @@ class Args:
     mode: str = "rl-co"
     """one of real-only, sft-cotrain, rl-co, rl-sim-only"""
     real_shift: str = "action_scale=0.6,action_delay=1,cube_friction=0.3"
-    """the "real" domain: comma-separated key=value over action_scale, action_delay, action_noise, cube_mass,
-    cube_friction (mass and friction are multipliers of the nominal values)"""
+    """the "real" domain: comma-separated key=value over action_scale, action_delay, cube_mass, cube_friction
+    (mass and friction are multipliers of the nominal values)"""
     eval_shift: str = "action_scale=0.45,action_delay=2,cube_mass=3.0,cube_friction=0.3"
     """an unseen variation, evaluated besides sim and real ("" to skip)"""
     real_demos: int = 20
@@ -241,12 +235,11 @@ def rl_co_loss(l_rl: torch.Tensor, l_sft_real: torch.Tensor, beta: float) -> tor
 def gae(rewards, values, dones, next_value, gamma, gae_lambda):
     """GAE over (T, N) steps; dones[t] = the episode ended at step t (no bootstrap from t + 1; a truncation's
     bootstrap is folded into rewards[t] beforehand). Returns (advantages, returns)."""
-    T = rewards.shape[0]
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
-    for t in reversed(range(T)):
-        nv = next_value if t == T - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]
+    for t in reversed(range(rewards.shape[0])):
+        nxt = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]
         last = delta + gamma * gae_lambda * (1 - dones[t]) * last
         adv[t] = last
     return adv, adv + values
@@ -294,7 +287,7 @@ def is_maniskill(env_id: str) -> bool:
     if env_id not in gym.registry:  # ManiSkill registers its ids on import, which takes seconds
         import mani_skill.envs  # noqa: F401
     if env_id not in gym.registry:
-        fail(f"unknown --env-id {env_id!r}: use a gymnasium id (e.g. Hopper-v5) or a ManiSkill3 one (e.g. PickCube-v1)")  # noqa: E501  # fmt: skip
+        fail(f"unknown --env-id {env_id!r}: give a gymnasium id (Hopper-v5) or a ManiSkill3 id (PickCube-v1)")
     entry = gym.registry[env_id].entry_point
     entry = getattr(entry, "func", entry)  # ManiSkill registers functools.partial(make, ...)
     return (entry if isinstance(entry, str) else entry.__module__).startswith("mani_skill")
@@ -317,13 +310,12 @@ def parse_shift(spec: str) -> dict:
 
 
 class ShiftWrapper(gym.Wrapper):
-    """The domain shift, one set of rules for both paths (it sits on ManiSkill's batched tensors, under
-    CPUGymWrapper or ManiSkillVectorEnv). Actions are delayed by action_delay steps, scaled by action_scale
-    (controller gain), noised and clipped. The task objects' mass and friction are multiplied when the scene
-    is built: physx_cuda takes masses and materials only before it starts, so a new mass/friction shift
-    rebuilds the scene at the next full reset. Objects get a material of their own: the default one is shared
-    with the table, the floor and the robot. The reset distribution is untouched: one seed, one initial layout
-    in every domain."""
+    """The domain shift, one set of rules for both paths (on ManiSkill's batched tensors, under CPUGymWrapper
+    or ManiSkillVectorEnv): actions are delayed by action_delay steps, scaled by action_scale (controller
+    gain) and clipped. The task objects' mass and friction are multiplied when the scene is built (physx_cuda
+    takes them only before it starts), so a new mass/friction shift rebuilds the scene at the next full reset.
+    The objects get a material of their own: the default one is shared with the table, floor and robot.
+    Resets are untouched: one seed, one initial layout in every domain."""
 
     OBJECTS = ("cube", "obj", "cubeA", "cubeB")
 
@@ -331,7 +323,6 @@ class ShiftWrapper(gym.Wrapper):
         super().__init__(env)
         base = env.unwrapped
         self.built = (1.0, 1.0)  # mass and friction multipliers of the scene gym.make built
-        self.rng = torch.Generator(base.device)
         load_scene = base._load_scene
 
         def load_shifted_scene(options):  # ManiSkill builds every new scene with base._load_scene
@@ -340,9 +331,8 @@ class ShiftWrapper(gym.Wrapper):
             if self.built == (1.0, 1.0):  # the nominal scene stays exactly ManiSkill's
                 return
             mass, friction = self.built
-            for body in (
-                b for name in self.OBJECTS if hasattr(base, name) for b in getattr(base, name)._bodies
-            ):
+            objects = [getattr(base, name) for name in self.OBJECTS if hasattr(base, name)]
+            for body in (b for obj in objects for b in obj._bodies):
                 body.mass = body.mass * mass
                 for shape in body.collision_shapes:
                     m = shape.physical_material
@@ -366,8 +356,6 @@ class ShiftWrapper(gym.Wrapper):
             self.pending[:, options["env_idx"]] = 0.0
         else:
             self.pending = torch.zeros(shape, device=base.device)
-        if seed is not None:
-            self.rng = torch.Generator(base.device).manual_seed(int(np.ravel(seed)[0]))
         return obs, info
 
     def step(self, action):
@@ -375,10 +363,7 @@ class ShiftWrapper(gym.Wrapper):
         a = torch.as_tensor(action, dtype=torch.float32, device=base.device).reshape(base.num_envs, -1)
         queue = torch.cat([self.pending, a[None]])
         a, self.pending = queue[0], queue[1:]
-        a = a * self.shift["action_scale"]
-        if self.shift["action_noise"] > 0:
-            a = a + self.shift["action_noise"] * torch.randn(a.shape, device=a.device, generator=self.rng)
-        return self.env.step(a.clamp(-1.0, 1.0))
+        return self.env.step((a * self.shift["action_scale"]).clamp(-1.0, 1.0))
 
 
 def make_maniskill(args: Args, num_envs: int, shift: dict, **backend):
@@ -506,11 +491,8 @@ def scripted_push_expert(obs: np.ndarray) -> np.ndarray:
     return np.concatenate([delta, -np.ones((len(obs), 1))], 1).astype(np.float32)  # gripper closed
 
 
-EXPERTS = {
-    "PickCube-v1": scripted_pick_expert,
-    "PushCube-v1": scripted_push_expert,
-    "StackCube-v1": scripted_stack_expert,
-}
+EXPERTS = {"PickCube-v1": scripted_pick_expert, "PushCube-v1": scripted_push_expert,
+           "StackCube-v1": scripted_stack_expert}  # fmt: skip
 
 
 def load_sim_demos(path: str, num_demos: int | None):
@@ -538,9 +520,7 @@ def load_sim_demos(path: str, num_demos: int | None):
                 obs.append(o[:-1])
                 act.append(a)
     except OSError as e:
-        fail(
-            f"cannot read {path} as h5 ({str(e).splitlines()[0][:60]}): pass an h5 file made by make_demos.sh"
-        )
+        fail(f"cannot read {path} as h5 ({str(e).splitlines()[0][:60]}): pass one made by make_demos.sh")
     if not obs:
         fail(f"{path} holds no traj_* trajectories")
     return np.concatenate(obs).astype(np.float32), np.concatenate(act).astype(np.float32)
@@ -552,20 +532,16 @@ def collect_real_demos(envs: VecEnv, n: int, seed: int, expert):
     while len(obs_buf) < n and tried < 4 * n + 8:
         o = envs.reset([seed + tried + i for i in range(envs.num_envs)]).cpu().numpy()
         tried += envs.num_envs
-        traj = [([], []) for _ in range(envs.num_envs)]
+        obs_steps, act_steps = [], []
         done = np.zeros(envs.num_envs, bool)
         while not done.all():
-            a = expert(o)
-            for i in np.where(~done)[0]:
-                traj[i][0].append(o[i])
-                traj[i][1].append(a[i])
-            o, _, _, trunc, success = (
-                x.cpu().numpy() for x in envs.step(torch.as_tensor(a, device=envs.device))
-            )
-            for i in np.where(~done & success)[0]:
-                if len(obs_buf) < n:
-                    obs_buf.append(np.array(traj[i][0]))
-                    act_buf.append(np.array(traj[i][1]))
+            obs_steps.append(o)
+            act_steps.append(expert(o))
+            step = envs.step(torch.as_tensor(act_steps[-1], device=envs.device))
+            o, _, _, trunc, success = (x.cpu().numpy() for x in step)
+            for i in np.where(~done & success)[0][: n - len(obs_buf)]:
+                obs_buf.append(np.stack(obs_steps)[:, i])
+                act_buf.append(np.stack(act_steps)[:, i])
             done |= success | trunc
     if len(obs_buf) < n:
         fail(f"the scripted expert solved only {len(obs_buf)} of {tried} real episodes: lower --real-demos")
@@ -574,37 +550,35 @@ def collect_real_demos(envs: VecEnv, n: int, seed: int, expert):
 
 # ---------------------------------------------------------------- plumbing: evaluation and checkpoints
 @torch.no_grad()
-def evaluate(policy, envs: VecEnv, shift: dict, n: int, seed: int) -> dict:
-    """Noise-free policy on the layouts of seeds seed..seed+n-1, full episodes; a^0 comes from a generator
-    seeded with seed, so a checkpoint gets the same numbers during training and with --evaluate."""
-    envs.set_shift(shift)
-    generator = torch.Generator(envs.device).manual_seed(seed)
-    stats = {"success_once": [], "success_at_end": [], "return": []}
-    for start in range(0, n, envs.num_envs):
-        o = envs.reset([seed + start + i for i in range(envs.num_envs)], rebuild=start == 0)
-        ret = torch.zeros(envs.num_envs, device=envs.device)
-        once = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
-        while True:
-            a = sample_chain(policy, o, deterministic=True, generator=generator)[:, -1].clamp(-1, 1)
-            o, r, _, trunc, success = envs.step(a)
-            ret += r
-            once |= success
-            if trunc.any():
-                break
-        stats["success_once"] += once[: n - start].tolist()
-        stats["success_at_end"] += success[: n - start].tolist()
-        stats["return"] += ret[: n - start].tolist()
-    return {k: float(np.mean(v)) for k, v in stats.items()}
+def evaluate(policy, envs: VecEnv, domains: dict, n: int, seed: int) -> dict:
+    """Noise-free policy in each domain on the layouts of seeds seed..seed+n-1, full episodes. a^0 comes from
+    a generator seeded with seed: a checkpoint gets the same numbers during training and with --evaluate."""
+    results = {}
+    for domain, shift in domains.items():
+        envs.set_shift(shift)
+        generator = torch.Generator(envs.device).manual_seed(seed)
+        stats = {"success_once": [], "success_at_end": [], "return": []}
+        for start in range(0, n, envs.num_envs):
+            o = envs.reset([seed + start + i for i in range(envs.num_envs)], rebuild=start == 0)
+            ret = torch.zeros(envs.num_envs, device=envs.device)
+            once = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
+            while True:
+                a = sample_chain(policy, o, deterministic=True, generator=generator)[:, -1].clamp(-1, 1)
+                o, r, _, trunc, success = envs.step(a)
+                ret += r
+                once |= success
+                if trunc.any():
+                    break
+            stats["success_once"] += once[: n - start].tolist()
+            stats["success_at_end"] += success[: n - start].tolist()
+            stats["return"] += ret[: n - start].tolist()
+        results[domain] = {k: float(np.mean(v)) for k, v in stats.items()}
+    return results
 
 
 def rng_states() -> dict:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": cuda,
-        "numpy": np.random.get_state(),
-        "random": random.getstate(),
-    }
+    return dict(torch=torch.get_rng_state(), cuda=cuda, numpy=np.random.get_state(), random=random.getstate())
 
 
 def set_rng_states(states: dict):
@@ -613,12 +587,6 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
     np.random.set_state(states["numpy"])
     random.setstate(states["random"])
-
-
-def save_checkpoint(path: str, **state):
-    tmp = path + ".tmp"
-    torch.save({"script": "rl_cotrain", **state}, tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written checkpoint
 
 
 def load_checkpoint(path: str, env_id: str) -> dict:
@@ -667,16 +635,14 @@ def check_args(args: Args) -> dict | None:
         fail(f"--seed {args.seed}: evaluation would replay the real demos' layouts: use --seed >= 1")
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
-    sft_only = args.mode in ("real-only", "sft-cotrain")
-    args.num_iterations = 0 if sft_only else args.total_timesteps // args.batch_size
+    args.num_iterations = args.total_timesteps // args.batch_size if args.mode.startswith("rl-") else 0
     stage_two = args.num_iterations > (ckpt["iteration"] if ckpt else 0) and not args.evaluate
     if stage_two and args.minibatch_size < 2:
         fail(f"--num-envs x --num-steps / --num-minibatches = {args.batch_size / args.num_minibatches:g}: "
              "a minibatch needs >= 2 samples (its advantages are standardised)")  # fmt: skip
 
-    gpu = args.cuda and torch.cuda.is_available()
     if args.sim_backend == "auto":
-        args.sim_backend = "physx_cuda" if gpu else "physx_cpu"
+        args.sim_backend = "physx_cuda" if args.cuda and torch.cuda.is_available() else "physx_cpu"
     if args.vector_env == "auto":
         args.vector_env = "maniskill" if args.sim_backend == "physx_cuda" else "gymnasium"
     if args.sim_backend == "physx_cuda" and not torch.cuda.is_available():
@@ -723,13 +689,12 @@ def main(args: Args):
     critic = mlp(obs_dim, 1, args.hidden_dim).to(device)
     actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
+    nets = {"policy": policy, "critic": critic, "actor_opt": actor_opt, "critic_opt": critic_opt}
     start_iter, global_step = 0, 0
     if ckpt is not None:
         try:
-            policy.load_state_dict(ckpt["policy"])
-            critic.load_state_dict(ckpt["critic"])
-            actor_opt.load_state_dict(ckpt["actor_opt"])
-            critic_opt.load_state_dict(ckpt["critic_opt"])
+            for name, net in nets.items():
+                net.load_state_dict(ckpt[name])
         except (RuntimeError, ValueError, KeyError):
             eval_envs.close()
             fail(f"{args.checkpoint} does not fit these networks: pass its --hidden-dim, --denoising-steps")
@@ -739,14 +704,9 @@ def main(args: Args):
                 group["lr"] = lr
         start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
 
-    def run_eval():
-        return {
-            d: evaluate(policy, eval_envs, s, args.eval_episodes, args.seed + 10_000)
-            for d, s in domains.items()
-        }
-
     if args.evaluate:
-        result = {"checkpoint": args.checkpoint, "global_step": global_step, "seed": args.seed, **run_eval()}
+        result = {"checkpoint": args.checkpoint, "global_step": global_step, "seed": args.seed,
+                  **evaluate(policy, eval_envs, domains, args.eval_episodes, args.seed + 10_000)}  # fmt: skip
         eval_envs.close()
         out = args.checkpoint.removesuffix(".pt") + ".eval.json"
         with open(out, "w") as f:
@@ -755,14 +715,10 @@ def main(args: Args):
         print(json.dumps(result), flush=True)
         return result
 
-    eval_envs.set_shift(real_shift)
-    real_o, real_a = collect_real_demos(
-        eval_envs, args.real_demos, 10_000 + 1000 * args.seed, EXPERTS[args.env_id]
-    )
+    expert = EXPERTS[args.env_id]
+    real_o, real_a = collect_real_demos(eval_envs, args.real_demos, 10_000 + 1000 * args.seed, expert)
     real_o, real_a = torch.as_tensor(real_o, device=device), torch.as_tensor(real_a, device=device)
-    sim_o = sim_a = None
-    if sim_demos is not None:
-        sim_o, sim_a = (torch.as_tensor(x, device=device) for x in sim_demos)
+    sim_o, sim_a = (torch.as_tensor(x, device=device) for x in sim_demos) if sim_demos else (None, None)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -773,9 +729,8 @@ def main(args: Args):
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     n_sim = 0 if sim_o is None else len(sim_o)
     backend = f"{args.sim_backend}, {args.vector_env}"
     demos = f"{n_sim + len(real_o)} transitions ({n_sim} sim, {len(real_o)} real)"
@@ -789,20 +744,19 @@ def main(args: Args):
         rng_at_ckpt = rng_states()
         for name in names if args.save_model else ():
             last_ckpt = f"{run_dir}/{name}"
-            nets = {"policy": policy, "critic": critic, "actor_opt": actor_opt, "critic_opt": critic_opt}
-            save_checkpoint(last_ckpt, **{k: v.state_dict() for k, v in nets.items()}, args=vars(args),
-                            global_step=global_step, iteration=iteration, rng=rng_at_ckpt)  # fmt: skip
+            state = {k: v.state_dict() for k, v in nets.items()}
+            torch.save({"script": "rl_cotrain", **state, "args": vars(args), "global_step": global_step,
+                        "iteration": iteration, "rng": rng_at_ckpt}, last_ckpt + ".tmp")  # fmt: skip
+            os.replace(last_ckpt + ".tmp", last_ckpt)  # a crash never leaves a half-written checkpoint
             print(f"checkpoint {last_ckpt}", flush=True)
 
     def log_eval(step):
-        results = run_eval()
+        results = evaluate(policy, eval_envs, domains, args.eval_episodes, args.seed + 10_000)
         for domain, res in results.items():
             for k, v in res.items():
                 writer.add_scalar(f"eval/{k}" if domain == "sim" else f"eval_{domain}/{k}", v, step)
-        print(
-            f"eval step {step}: " + " ".join(f"{d}={r['success_once']:.2f}" for d, r in results.items()),
-            flush=True,
-        )
+        success = " ".join(f"{d}={r['success_once']:.2f}" for d, r in results.items())
+        print(f"eval step {step}: {success}", flush=True)
 
     def finite(loss, name):
         if not torch.isfinite(loss):
@@ -834,10 +788,8 @@ def main(args: Args):
             sched.step()
             if step % 500 == 0 or step == args.sft_steps - 1:
                 writer.add_scalar("losses/sft_loss", loss.item(), step)
-                print(
-                    f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s",
-                    flush=True,
-                )
+                print(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s",
+                      flush=True)  # fmt: skip
         log_eval(0)
         checkpoint(["sft.pt", "ckpt.pt"], 0)
     if args.num_iterations <= start_iter:
@@ -898,9 +850,8 @@ def main(args: Args):
                 if not actor_on:
                     continue
                 adv = (b_adv[mb] - b_adv[mb].mean()) / (b_adv[mb].std() + 1e-8)
-                pg_loss, approx_kl = ppo_policy_loss(
-                    chain_log_prob(policy, b_obs[mb], b_chain[mb]), b_logp[mb], adv, args.clip_coef
-                )
+                new_logp = chain_log_prob(policy, b_obs[mb], b_chain[mb])
+                pg_loss, approx_kl = ppo_policy_loss(new_logp, b_logp[mb], adv, args.clip_coef)
                 sft_loss = torch.zeros((), device=device)
                 if beta > 0:
                     sft_loss = flow_matching_loss(policy, *demo_batch(args.sft_batch_size, 0.0))
@@ -923,17 +874,14 @@ def main(args: Args):
         if finished:
             ret, succ = np.mean(finished, 0)
             train = f"return {ret:.2f} success {succ:.2f} ({len(finished)})"
-        progress = (
-            f"step {global_step}/{args.num_iterations * args.batch_size} | {sps} steps/s | ETA {eta:.0f}m"
-        )
-        print(f"{progress} | train episodes (end at success): {train}", flush=True)
+        print(f"step {global_step}/{args.num_iterations * args.batch_size} | {sps} steps/s | ETA {eta:.0f}m"
+              f" | train episodes (end at success): {train}", flush=True)  # fmt: skip
         if iteration % eval_iters == 0 or iteration == args.num_iterations:
             log_eval(global_step)
             checkpoint(["ckpt.pt"], iteration)
             if iteration < args.num_iterations:  # where a run resumed from this checkpoint starts
                 next_obs = envs.reset([args.seed + global_step + i for i in range(N)], rebuild=True)
-                ep_return.zero_()
-                ep_success.zero_()
+                ep_return[:], ep_success[:] = 0.0, False
     envs.close()
     eval_envs.close()
     writer.close()
