@@ -83,7 +83,7 @@ MUTANTS: list[Mutant] = [
     Mutant("rl_cotrain", "RL-Co loss: beta on the RL term", "return l_rl + beta * l_sft_real", "return beta * l_rl + l_sft_real", "combined_loss"),
     Mutant("rl_cotrain", "PPO ratio inverted (old - new)", "log_ratio = new_logp - old_logp", "log_ratio = old_logp - new_logp", "ppo_policy_loss"),
     Mutant("rl_cotrain", "PPO advantage sign flipped", "loss = torch.max(-adv * ratio, -adv * ratio.clamp(", "loss = torch.max(adv * ratio, adv * ratio.clamp(", "ppo_policy_loss"),
-    Mutant("rl_cotrain", "GAE bootstraps through an episode end", "delta = rewards[t] + gamma * nv * (1 - dones[t]) - values[t]", "delta = rewards[t] + gamma * nv - values[t]", "ppo_policy_loss_and_gae"),
+    Mutant("rl_cotrain", "GAE bootstraps through an episode end", "delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]", "delta = rewards[t] + gamma * nxt - values[t]", "ppo_policy_loss_and_gae"),
     Mutant("rl_cotrain", "friction shift edits the scene's shared default material", "shape.set_physical_material(type(m)(fs, fd, m.restitution))", "m.static_friction, m.dynamic_friction = fs, fd", "shift_rules"),
     Mutant("rl_cotrain", "evaluation draws a^0 from the global RNG", "a = sample_chain(policy, o, deterministic=True, generator=generator)", "a = sample_chain(policy, o, deterministic=True)", "batched"),
     Mutant("rl_cotrain", "resume does not restore the RNG state", "    set_rng_states(rng_at_ckpt)\n", "    pass\n", "same_seed"),
