@@ -64,6 +64,7 @@ MUTANTS: list[Mutant] = [
     Mutant("flow_noise_ppo", "PPO ratio inverted", "logratio = new_logp - old_logp", "logratio = old_logp - new_logp", "by_hand"),
     Mutant("flow_noise_ppo", "training envs not reset after a checkpoint", "            checkpoint(\"ckpt.pt\", iteration)\n            obs = envs.reset(seed=args.seed + global_step)\n", "            checkpoint(\"ckpt.pt\", iteration)\n", "same_seed"),
     Mutant("flow_noise_ppo", "resume does not restore the torch RNG state", "        torch.set_rng_state(rng[\"torch\"])\n", "", "same_seed"),
+    Mutant("flow_noise_ppo", "demo chunks past an episode's end wrap to its start instead of repeating the last action", "idx = np.minimum(np.arange(len(a))[:, None] + np.arange(H)[None], len(a) - 1)", "idx = (np.arange(len(a))[:, None] + np.arange(H)[None]) % len(a)", "task_token_layout"),
     # flow_sde_ppo
     Mutant("flow_sde_ppo", "Agent.sample adds std^2 eps (the scorer scores std eps)", "            x = mu + std * randn() if k in stochastic else mu", "            x = mu + std**2 * randn() if k in stochastic else mu", "sampler_and_scorer"),
     Mutant("flow_sde_ppo", "sum instead of mean over the stochastic steps (--sde-steps all)", "    logp = logp[:, :, :C].mean(1)", "    logp = logp[:, :, :C].sum(1)", "sde_steps_all"),
