@@ -317,11 +317,13 @@ def test_bad_demo_file_via_cli_is_one_line_no_traceback(bad_files):
 def test_same_seed_same_numbers_exact_resume_and_nan_guard(capsys, monkeypatch):
     flags = ["--mode", "rl-sim-only", "--sim-ratio", "0", "--num-steps", "32", "--eval-freq", "64"]
     _, a = _run(capsys, *flags, "--total-timesteps", "128", "--exp-name", "test_rlco_a")
-    _, b = _run(capsys, *flags, "--total-timesteps", "128", "--exp-name", "test_rlco_b")
     sa = read_scalars(a)
-    assert sa == read_scalars(b) and "charts/episodic_return" in sa and "losses/policy_loss" in sa
-    # killed after the checkpoint at step 64 (here: a run that ends there) and resumed = the unbroken run
+    assert "charts/episodic_return" in sa and "losses/policy_loss" in sa
+    # a run killed after the checkpoint at step 64 (here: one that ends there), same seed: the same numbers
     _, c = _run(capsys, *flags, "--total-timesteps", "64", "--exp-name", "test_rlco_c")
+    upto_64 = {tag: [(s, v) for s, v in sa[tag] if s <= 64] for tag in sa}
+    assert read_scalars(c) == {tag: v for tag, v in upto_64.items() if v}
+    # ... and resumed from there: the unbroken run's numbers after step 64
     resume = ["--total-timesteps", "128", "--checkpoint", f"{c}/ckpt.pt"]
     out, d = _run(capsys, *flags, *resume, "--exp-name", "test_rlco_d")
     assert f"resumed {c}/ckpt.pt at step 64" in out and f"checkpoint {d}/ckpt.pt" in out
