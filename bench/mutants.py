@@ -51,6 +51,9 @@ MUTANTS: list[Mutant] = [
     Mutant("reinflow", "sign of the PPO log-ratio", "logratio = new_logp - old_logp", "logratio = old_logp - new_logp", "ppo_loss_raises"),
     Mutant("reinflow", "an env that ended mid-chunk keeps counting the chunk's later steps", "r, te, tr = r * alive, te.astype(bool) & alive, tr.astype(bool) & alive", "r, te, tr = r, te.astype(bool), tr.astype(bool)", "leftover"),
     Mutant("reinflow", "resume without the torch RNG state", 'torch.set_rng_state(ckpt["rng"]["torch"])', "pass", "exact_resume"),
+    Mutant("reinflow", "resume without the reward scaler's statistics", 'scaler.mean, scaler.var, scaler.count = ckpt["reward_scaler"]', "pass", "exact_resume"),
+    Mutant("reinflow", "count flags accepted one below their lowest value", "        if getattr(args, name) < low:", "        if getattr(args, name) < low - 1:", "bad_inputs"),
+    Mutant("reinflow", "--save-demos episode_ends one step long per episode", "ends, returns = np.cumsum([len(o) for o in obs]), np.array(returns)", "ends, returns = np.cumsum([len(o) + 1 for o in obs]), np.array(returns)", "smoke_mujoco"),
     # flow_noise_ppo
     Mutant("flow_noise_ppo", "sampler adds sigma^2 eps instead of sigma eps", "x = mu + sigma * torch.randn_like(mu) if stochastic else mu", "x = mu + sigma**2 * torch.randn_like(mu) if stochastic else mu", "sampler_draws"),
     Mutant("flow_noise_ppo", "scorer: chain_gaussians returns sigma^2 for sigma", "return mu.view(B, K, self.H, self.A), sigma.view(B, K, self.H, self.A)", "return mu.view(B, K, self.H, self.A), sigma.view(B, K, self.H, self.A) ** 2", "sampler_draws"),
