@@ -723,7 +723,9 @@ def main(args: Args):
 
     envs = make_envs(args, args.num_envs, False)
     obs, _ = envs.reset(seed=args.seed + step)
-    ep_ret, t_last, step_last, logs = np.zeros(args.num_envs), time.time(), step, None
+    ep_ret = np.zeros(args.num_envs)
+    logs = None  # the last update's losses
+    t_last, step_last = time.time(), step  # for steps/s over the last interval
     with open(csv_path, "a") as f:
         f.write("step,wall_s,return,success_once,success_at_end\n")
     while True:
@@ -780,7 +782,8 @@ def main(args: Args):
                 check_finite(logs, step, ckpt_path)
 
         if step // 1000 > (step - args.num_envs) // 1000 or step >= args.total_timesteps:
-            sps, t_last, step_last = (step - step_last) / max(time.time() - t_last, 1e-9), time.time(), step
+            sps = (step - step_last) / max(time.time() - t_last, 1e-9)
+            t_last, step_last = time.time(), step
             rets, succs = [g for g, _ in recent], [s for _, s in recent]
             writer.add_scalar("charts/SPS", sps, step)
             line = (f"step {step}/{args.total_timesteps} | {sps:.0f} steps/s | "

@@ -183,7 +183,7 @@ def test_rollout_uses_the_time_grid_flow_matching_trains():
 
 # ---- CLI and main(): tiny networks and budgets. On this shared 2-core machine each interpreter start costs
 # 10-20 s (torch, ManiSkill), so most runs call main() in-process (the code path of the command line) inside a
-# temporary working directory; two subprocess runs prove the command line itself.
+# temporary working directory; two subprocess runs prove the command line itself (an evaluation, a bad flag).
 TINY = ["--batch-size", "32", "--hidden-dim", "32", "--transformer-dim", "16", "--eval-episodes", "1"]
 PENDULUM = dict(env_id="Pendulum-v1", max_episode_steps=50, learning_starts=100)
 
@@ -204,16 +204,16 @@ def checkpoint_in(out: str) -> str:
     return re.findall(r"^checkpoint (\S+)$", out, re.M)[-1]
 
 
+PENDULUM_RUN = dict(total_timesteps=300, eval_freq=150, **PENDULUM)
+
+
 @pytest.fixture(scope="module")
 def pendulum_runs(tmp_path_factory) -> dict[str, Path]:
     """A 300-step Pendulum run per velocity; returns the final ckpt.pt of each."""
     d = tmp_path_factory.mktemp("pendulum")
     with contextlib.chdir(d):
-        return {
-            v: d / checkpoint_in(run_main(tiny_args(velocity=v, exp_name=v, total_timesteps=300,
-                                                    eval_freq=300, **PENDULUM)))  # fmt: skip
-            for v in ("g", "t", "naive")
-        }
+        outs = {v: run_main(tiny_args(velocity=v, exp_name=v, **PENDULUM_RUN)) for v in ("g", "t", "naive")}
+    return {v: d / checkpoint_in(out) for v, out in outs.items()}
 
 
 @pytest.mark.parametrize("velocity", ["g", "t", "naive"])
@@ -250,13 +250,12 @@ def test_replay_buffer_round_trip_keeps_the_newest_transitions_in_their_slots():
     assert small.s[:, 0].tolist() == small.r.tolist()  # rows stay whole
 
 
-def test_same_seed_same_scalars(tmp_path, monkeypatch):
+def test_same_seed_same_scalars(tmp_path, monkeypatch, pendulum_runs):
     """Warm-up actions included: they come from the seeded action space."""
     monkeypatch.chdir(tmp_path)
-    for name in ("a", "b"):
-        run_main(tiny_args(exp_name=name, total_timesteps=300, eval_freq=150, **PENDULUM))
-    a, b = (read_scalars(next(Path("runs").glob(f"*__{name}__*"))) for name in ("a", "b"))
-    assert len(a["charts/episodic_return"]) == 6 and a == b
+    again = tmp_path / checkpoint_in(run_main(tiny_args(velocity="g", **PENDULUM_RUN)))
+    a, b = read_scalars(pendulum_runs["g"].parent), read_scalars(again.parent)
+    assert len(a["charts/episodic_return"]) == 6 and len(a["eval/return"]) == 3 and a == b
 
 
 def test_resumed_run_logs_what_the_unbroken_run_logs(tmp_path, monkeypatch):
@@ -291,13 +290,12 @@ def test_pickcube_batched_path_trains_resumes_and_evaluates(pickcube_demos, tmp_
     env = ["--env-id", "PickCube-v1", "--max-episode-steps", "20", "--demo-path", str(pickcube_demos), *TINY]
     batched = ["--sim-backend", "physx_cpu", "--vector-env", "maniskill", "--num-envs", "1", *env]
     budget = ["--sft-steps", "20", "--total-timesteps", "100", "--eval-freq", "100"]
-    r = run_script("sac_flow.py", *budget, *batched)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    banner = r"^run \S+ \| env PickCube-v1 \(physx_cpu, maniskill\) \| device cpu \| demos \d+ transitions"
-    assert re.search(banner, r.stdout, re.M), r.stdout
-    assert "sft 20/20: flow-matching loss" in r.stdout and "success_once" in r.stdout
-    ckpt = str(ROOT / checkpoint_in(r.stdout))
     monkeypatch.chdir(tmp_path)
+    out = run_main(tyro.cli(sac_flow.Args, args=[*budget, *batched]))
+    banner = r"^run \S+ \| env PickCube-v1 \(physx_cpu, maniskill\) \| device cpu \| demos \d+ transitions"
+    assert re.search(banner, out, re.M), out
+    assert "sft 20/20: flow-matching loss" in out and "success_once" in out
+    ckpt = str(tmp_path / checkpoint_in(out))
     out = run_main(tyro.cli(sac_flow.Args, args=[*batched, "--checkpoint", ckpt, "--total-timesteps", "200"]))
     assert f"resumed {ckpt} at step 100" in out and "eval step 200:" in out, out
     progress = r"^step 200/200 \| \d+ steps/s \| ETA 0m \| train episodes \(end at success\): return"
