@@ -516,9 +516,8 @@ def make_single_env(args, maniskill, video_dir=None):
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
         return CPUGymWrapper(make_maniskill(args, 1, video_dir))
-    env = gym.make(
-        args.env_id, max_episode_steps=args.max_episode_steps, render_mode="rgb_array" if video_dir else None
-    )
+    render_mode = "rgb_array" if video_dir else None
+    env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps, render_mode=render_mode)
     return gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
 
 
@@ -529,10 +528,9 @@ def make_envs(args, maniskill, num_envs, video_dir=None):
 
         return ManiSkillVectorEnv(make_maniskill(args, num_envs, video_dir), auto_reset=False)
     videos = [video_dir] + [None] * (num_envs - 1)  # the first env records
-    thunks = [partial(make_single_env, args, maniskill, v) for v in videos]
-    return gym.vector.AsyncVectorEnv(
-        thunks, context="spawn" if maniskill else "fork", autoreset_mode=gym.vector.AutoresetMode.DISABLED
-    )  # spawn: fork hangs once SAPIEN is initialised
+    fns = [partial(make_single_env, args, maniskill, v) for v in videos]
+    context = "spawn" if maniskill else "fork"  # fork hangs once SAPIEN is initialised
+    return gym.vector.AsyncVectorEnv(fns, context=context, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
 
 def reset_done(envs, done, obs, device):
@@ -811,12 +809,12 @@ def main(args):
 
     T, N, K = args.num_steps, args.num_envs, args.denoising_steps
     S = len(stochastic_steps(K, args.sde_steps, args.sampler, np.random.default_rng(0)))
+    logp_shape = () if args.logprob_type == "chunk" else (args.num_action_chunks, act_dim)
     buf = dict(
         obs=torch.zeros(T, N, obs_dim, device=device),
         chain=torch.zeros(T, N, K + 1, args.action_horizon, act_dim, device=device),
         idx=torch.zeros(T, N, S, dtype=torch.long, device=device),
-        logp=torch.zeros(T, N, *(() if args.logprob_type == "chunk" else (args.num_action_chunks, act_dim)),
-                         device=device),  # fmt: skip
+        logp=torch.zeros(T, N, *logp_shape, device=device),
         values=torch.zeros(T, N, device=device),
         rewards=torch.zeros(T, N, device=device),
         dones=torch.zeros(T, N, device=device),
