@@ -350,8 +350,7 @@ class FlowPolicy(nn.Module):
         self.sigma_net = mlp([16 + obs_dim, 64, 64, self.D], act=nn.Tanh)
 
     def euler(self, x, t, K, s):
-        """mu = clip(x + v_theta(x, t, s) / K, -1, 1), one Euler step of size 1/K from time t, and the time
-        features."""
+        """mu = clip(x + v_theta(x, t, s) / K, -1, 1), an Euler step of size 1/K from t; and t's features."""
         t = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         v, te = self.v(x, t, s, torch.full_like(t, 1 / K))
         return (x + v / K).clamp(-1, 1), te

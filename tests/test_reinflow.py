@@ -43,9 +43,8 @@ def test_chain_log_prob_matches_torch_distributions(K, shortcut):
         v, te = pol.v(chain[:, k], t, s, torch.full_like(t, 1 / K))
         mu = (chain[:, k] + v / K).clamp(-1, 1)
         h = pol.sigma_net(torch.cat([te, s], -1))
-        logvar = (
-            math.log(SIG_MIN**2) + (math.log(SIG_MAX**2) - math.log(SIG_MIN**2)) * (torch.tanh(h) + 1) / 2
-        )
+        lo, hi = math.log(SIG_MIN**2), math.log(SIG_MAX**2)
+        logvar = lo + (hi - lo) * (torch.tanh(h) + 1) / 2
         dist = Normal(mu, torch.exp(0.5 * logvar))
         ref_lp = ref_lp + dist.log_prob(chain[:, k + 1]).sum(-1)
         ref_ent = ref_ent + dist.entropy().sum(-1)
@@ -104,15 +103,8 @@ def test_score_function_identity():
         s = torch.randn(B, 3, dtype=torch.float64)
         chain, _ = rf.sample_chain(pol, s, K, SIG_MIN, SIG_MAX)
         logp, _ = rf.chain_log_prob(pol, s, chain[:, :K], K, SIG_MIN, SIG_MAX)
-        g = torch.autograd.grad(logp.mean(), params, allow_unused=True)
-        grads.append(
-            torch.cat(
-                [
-                    (x if x is not None else torch.zeros_like(p)).flatten()
-                    for x, p in zip(g, params, strict=True)
-                ]
-            )
-        )
+        g = torch.autograd.grad(logp.mean(), params, allow_unused=True, materialize_grads=True)
+        grads.append(torch.cat([x.flatten() for x in g]))
     g = torch.stack(grads)
     mean, se = g.mean(0), g.std(0) / math.sqrt(groups)
     t = mean[se > 1e-12] / se[se > 1e-12]
@@ -156,9 +148,8 @@ def test_ppo_loss_raises_the_log_prob_of_positive_advantages():
     loss.backward()
     torch.testing.assert_close(new_logp.grad, -adv / 4)  # descending the loss raises log pi where A > 0
     new_logp = torch.full((2,), 0.5, dtype=torch.float64, requires_grad=True)  # ratio e^0.5 > 1 + 0.2
-    loss, *_ = rf.ppo_policy_loss(
-        new_logp, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 0.2
-    )
+    ones = torch.ones(2, dtype=torch.float64)
+    loss, *_ = rf.ppo_policy_loss(new_logp, 0 * ones, ones, 0.2)
     loss.backward()
     assert (new_logp.grad == 0).all() and loss.item() == pytest.approx(-1.2)  # clipped: no further push
 
@@ -301,12 +292,9 @@ def test_evaluate_takes_the_same_number_of_episodes_from_each_env():
 
 
 # ---------------------------------------------------------------- runs: determinism, exact resume, guards
-PENDULUM = (
-    "--env-id Pendulum-v1 --num-envs 2 --num-eval-envs 1 --eval-episodes 1 --num-steps 25 --hidden-dim 16"
-)
-PENDULUM += (
-    " --total-timesteps 1000 --eval-freq 400 --critic-warmup-iters 1 --update-epochs 2 --num-minibatches 7"
-)
+PENDULUM = "--env-id Pendulum-v1 --num-envs 2 --num-eval-envs 1 --eval-episodes 1 --num-steps 25"
+PENDULUM += " --hidden-dim 16 --total-timesteps 1000 --eval-freq 400 --critic-warmup-iters 1"
+PENDULUM += " --update-epochs 2 --num-minibatches 7"
 
 
 def test_same_seed_same_numbers_and_exact_resume(tmp_path, monkeypatch):
@@ -375,10 +363,7 @@ def test_bad_inputs_exit_with_one_line_before_any_env_or_run_dir(tmp_path, monke
         (["--env-id", "Hopper-v5", "--checkpoint", str(tmp_path / "none.pt"), "--evaluate"], "not found"),
         (["--env-id", "Hopper-v5", "--evaluate"], "--checkpoint"),
         (["--env-id", "Hopper-v5", "--vector-env", "maniskill"], "--vector-env"),
-        (
-            ["--env-id", "PickCube-v1", "--vector-env", "maniskill", "--sim-backend", "physx_cpu"],
-            "--num-envs 1",
-        ),
+        (["--env-id", "PickCube-v1", "--sim-backend=physx_cpu", "--vector-env=maniskill"], "--num-envs 1"),
         (["--env-id", "NoSuchEnv-v0"], "unknown --env-id"),
     ]
     for argv, needle in cases:
@@ -438,10 +423,9 @@ def test_batched_path_on_cpu_sft_train_resume_evaluate(pickcube_demos, tmp_path,
     """The GPU code path (one batched ManiSkill env in ManiSkillVectorEnv) on physx_cpu: SFT, a few hundred
     env steps of PPO with evaluations and checkpoints, a resume that continues the run, then --evaluate."""
     monkeypatch.chdir(tmp_path)
-    pick = (
-        "--env-id PickCube-v1 --sim-backend physx_cpu --vector-env maniskill --num-envs 1 --num-eval-envs 1"
-    )
-    pick += " --eval-episodes 1 --max-episode-steps 12 --hidden-dim 32 --num-steps 8 --eval-freq 64"
+    pick = "--env-id PickCube-v1 --sim-backend physx_cpu --vector-env maniskill --num-envs 1"
+    pick += " --num-eval-envs 1 --eval-episodes 1 --max-episode-steps 12 --hidden-dim 32 --num-steps 8"
+    pick += " --eval-freq 64"
     pick = pick.split()
     ft = "--sft-steps 30 --critic-warmup-iters 0 --bc-coef 0.1".split()
     main(*pick, *ft, "--demo-path", str(pickcube_demos), "--total-timesteps", "192", "--exp-name", "first")
