@@ -522,13 +522,16 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
     """Runs n_episodes with the noise-free flow (x_{k+1} = μ_k); returns mean return, success_once/at_end.
     If `episodes` is a list, each episode's (obs, actions, return) is appended to it."""
     results, trajs = [], []  # (return, success_once, success_at_end) and (obs, actions, return) per episode
+    gen = torch.Generator().manual_seed(seed)  # x_0 from its own stream: --evaluate repeats the logged number
     while len(results) < n_episodes:
         obs, _ = envs.reset(seed=seed + len(results))
         n = len(np_(obs))
         ret, done, s_once, s_end = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
         steps = [([], []) for _ in range(n)]
         while not done.all():
-            a, _ = policy(torch.as_tensor(np_(obs), dtype=torch.float32, device=device), deterministic=True)
+            s = torch.as_tensor(np_(obs), dtype=torch.float32, device=device)
+            eps = torch.randn(policy.K + 1, n, policy.c.shape[0], generator=gen).to(device)  # x_0 only
+            a, _ = policy(s, eps, deterministic=True)
             if episodes is not None:
                 for i in np.flatnonzero(~done):
                     steps[i][0].append(np_(obs)[i])

@@ -224,6 +224,8 @@ def test_pendulum_train_then_evaluate_writes_json(velocity, pendulum_runs):
     assert re.search(r"^eval step 300: return -?\d+\.\d+ .*seed 1;", out, re.M), out
     result = json.loads(ckpt.with_suffix(".eval.json").read_text())
     assert result["global_step"] == 300 and result["seed"] == 1 and result["eval_episodes"] == 1
+    logged = (ckpt.parent / "eval.csv").read_text().splitlines()[-1].split(",")  # step,wall_s,return,...
+    assert logged[0] == "300" and float(logged[2]) == pytest.approx(result["return"], abs=1e-3)
 
 
 def test_save_demos_writes_the_npz_reinflow_reads(tmp_path, pendulum_runs):
