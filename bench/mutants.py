@@ -2,7 +2,7 @@
 the tests that should catch each. A planted bug that no test catches (it "survives") means the suite
 cannot keep the math right, so the script exits non-zero if any survives.
 
-    python bench/mutants.py                    # every mutant (a few minutes on 2 cores)
+    python bench/mutants.py                    # every mutant, two at a time
     python bench/mutants.py --script sac_flow  # one script's mutants
     python bench/mutants.py --list             # what would be planted
 
@@ -10,11 +10,13 @@ Each mutant replaces one exact snippet (it must occur exactly once in the file) 
 """
 
 import argparse
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ MUTANTS: list[Mutant] = [
     Mutant("sac_flow", "resume does not restore the RNG states", "        set_rng_state(ckpt[\"rng\"], act_space)\n", "", "resumed"),
     Mutant("sac_flow", "no env reset after a checkpoint", "            obs, _ = envs.reset(seed=args.seed + step)  # a run resumed from here starts with this same reset\n", "", "resumed"),
     Mutant("sac_flow", "warm-up actions from an unseeded action space", "act_space.seed(args.seed)  # the warm-up's random actions", "act_space.seed()", "same_seed"),
+    Mutant("sac_flow", "a resumed run starts with no replay buffer (buffer.pt not read)", '    if not training or ckpt["global_step"] == 0:\n        return ckpt, None\n', "    if True:\n        return ckpt, None\n", "resumed"),
     # reinflow
     Mutant("reinflow", "sampler grid k/(K-1) while the scorer uses k/K", "policy.transition(x, k / K, K, s, sigma_min, sigma_max)", "policy.transition(x, k / max(K - 1, 1), K, s, sigma_min, sigma_max)", "sampler_draws or score_function"),
     Mutant("reinflow", "sampler adds sigma^2 eps", "x = mu + sigma * eps", "x = mu + sigma**2 * eps", "sampler_draws or score_function"),
@@ -103,24 +106,46 @@ def pytest(tmp: Path, script: str, tests: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + (["-k", tests] if tests else []), cwd=tmp, capture_output=True, text=True)
 
 
-def run(m: Mutant, tmp: Path) -> tuple[bool, float]:
-    """Plants m in tmp (a copy of the repo), runs its tests; returns (killed, seconds)."""
+def copy_repo(d: Path) -> Path:
+    d.mkdir()
+    for f in ROOT.glob("*.py"):
+        shutil.copy(f, d)
+    shutil.copytree(ROOT / "tests", d / "tests")
+    for f in ("make_demos.sh", "pyproject.toml"):
+        shutil.copy(ROOT / f, d)
+    return d
+
+
+def run(m: Mutant, copies: queue.Queue) -> tuple[bool, float]:
+    """Plants m in a free copy of the repo, runs its tests there; returns (killed, seconds)."""
+    tmp = copies.get()
     path = tmp / f"{m.script}.py"
     original = (ROOT / f"{m.script}.py").read_text()
-    if (n := original.count(m.old)) != 1:
-        raise SystemExit(f"error: mutant {m.name!r}: its snippet occurs {n} times in {path.name}, not once")
     path.write_text(original.replace(m.old, m.new))
     t0 = time.time()
     result = pytest(tmp, m.script, m.tests)
     path.write_text(original)
+    copies.put(tmp)
     if result.returncode not in (0, 1):  # collection error, no test selected...: not a verdict on the mutant
         raise SystemExit(f"error: {m.name!r}: pytest exit {result.returncode}\n{result.stdout[-999:]}")
     return result.returncode == 1, time.time() - t0
 
 
+def clean_passes(script: str, todo: list[Mutant], copies: queue.Queue) -> None:
+    """A mutant counts as killed only if its tests pass on the unmutated code."""
+    selections = [m.tests for m in todo if m.script == script]
+    union = "" if "" in selections else " or ".join(f"({k})" for k in selections)
+    tmp = copies.get()
+    ok = pytest(tmp, script, union).returncode == 0
+    copies.put(tmp)
+    if not ok:
+        raise SystemExit(f"error: tests/test_{script}.py fails on the unmutated code: fix that first")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--script", help="only this script's mutants (e.g. sac_flow)")
+    p.add_argument("--jobs", type=int, default=2, help="mutants tested at once, each in its own copy")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     a = p.parse_args()
     todo = [m for m in MUTANTS if a.script in (None, m.script)]
@@ -130,27 +155,22 @@ def main():
         for m in todo:
             print(f"{m.script:15s} {m.name}")
         return
-    survived = []
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        for f in ROOT.glob("*.py"):
-            shutil.copy(f, tmp)
-        shutil.copytree(ROOT / "tests", tmp / "tests")
-        for f in ("make_demos.sh", "pyproject.toml"):
-            shutil.copy(ROOT / f, tmp)
-        t0 = time.time()
-        for script in dict.fromkeys(m.script for m in todo):  # a mutant is killed only if the clean code passes
-            selections = [m.tests for m in todo if m.script == script]
-            union = "" if "" in selections else " or ".join(f"({k})" for k in selections)
-            if pytest(tmp, script, union).returncode != 0:
-                raise SystemExit(f"error: tests/test_{script}.py fails on the unmutated code: fix that first")
-        for m in todo:
-            killed, sec = run(m, tmp)
+    for m in todo:
+        if (n := (ROOT / f"{m.script}.py").read_text().count(m.old)) != 1:
+            raise SystemExit(f"error: mutant {m.name!r}: its snippet occurs {n} times in {m.script}.py, not once")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(a.jobs) as pool:
+        copies = queue.Queue()
+        for j in range(a.jobs):
+            copies.put(copy_repo(Path(d) / str(j)))
+        list(pool.map(lambda s: clean_passes(s, todo, copies), dict.fromkeys(m.script for m in todo)))
+        survived = []
+        for m, (killed, sec) in zip(todo, pool.map(lambda m: run(m, copies), todo), strict=True):
             print(f"{'killed  ' if killed else 'SURVIVED'} {sec:6.1f}s  {m.script:15s} {m.name}", flush=True)
             if not killed:
                 survived.append(m)
     print(f"{len(todo) - len(survived)} of {len(todo)} mutants killed, {len(survived)} survived "
-          f"({(time.time() - t0) / 60:.1f} min)")
+          f"({(time.time() - t0) / 60:.1f} min, {a.jobs} at a time)")
     sys.exit(1 if survived else 0)
 
 
