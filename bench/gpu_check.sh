@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check of the GPU path: each RL script's PickCube-v1 command on physx_cuda (ManiSkillVectorEnv,
-# the script's own default GPU num_envs), for a short fixed budget. Prints, per script, the env steps/s of its
+# One prepared check of the GPU path: each RL script's PickCube-v1 command on physx_cuda (ManiSkillVectorEnv;
+# sac_flow's own GPU default of 512 envs, 256 for the PPO scripts), for a short fixed budget. Prints, per script, the env steps/s of its
 # last progress line, its first evaluation line and any error line; keeps every log in $LOG_DIR.
 # With no GPU it says so and exits 0. The whole check is sized to finish in under 8 minutes on one GPU.
 #
@@ -27,12 +27,13 @@ if [ -z "$DEMO" ]; then
 fi
 
 GPU="--env-id PickCube-v1 --sim-backend physx_cuda --exp-name gpu_check"
+PPO="$GPU --num-envs 256 --num-eval-envs 16"  # the PPO scripts default to 2 envs on either backend
 declare -A CMD=(
   [sac_flow]="sac_flow.py $GPU --total-timesteps 20000 --learning-starts 2000 --eval-freq 10000"
-  [reinflow]="reinflow.py $GPU --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
-  [flow_noise_ppo]="flow_noise_ppo.py $GPU --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
-  [flow_sde_ppo]="flow_sde_ppo.py $GPU --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
-  [rl_cotrain]="rl_cotrain.py $GPU --demo-path $DEMO --real-demos 4 --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
+  [reinflow]="reinflow.py $PPO --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
+  [flow_noise_ppo]="flow_noise_ppo.py $PPO --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
+  [flow_sde_ppo]="flow_sde_ppo.py $PPO --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
+  [rl_cotrain]="rl_cotrain.py $PPO --demo-path $DEMO --real-demos 4 --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
 )
 for s in sac_flow reinflow flow_noise_ppo flow_sde_ppo rl_cotrain; do
   log="$LOG_DIR/$s.log"
