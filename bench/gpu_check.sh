@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check of the GPU path: each RL script's PickCube-v1 command on physx_cuda (ManiSkillVectorEnv;
-# sac_flow's own GPU default of 512 envs, 256 for the PPO scripts), for a short fixed budget. Prints, per script, the env steps/s of its
-# last progress line, its first evaluation line and any error line; keeps every log in $LOG_DIR.
+# sac_flow's own GPU default of 512 envs, 256 for the PPO scripts) for a short fixed budget. Prints per script
+# the env steps/s of its last progress line, its first evaluation line and any error line; logs in $LOG_DIR.
 # With no GPU it says so and exits 0. The whole check is sized to finish in under 8 minutes on one GPU.
 #
 #   bash bench/gpu_check.sh                 # demos: makes 10 with make_demos.sh unless DEMO=path.h5 is given
