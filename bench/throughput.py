@@ -267,9 +267,10 @@ def full_loop(script, env, demos, n, timeout=600):
 def profile_main(S, script, env, demos, n, top=40) -> str:
     """cProfile of main() in this process for n env steps, switched on at the loop's first rollout step
     (sac_flow: its first SAC update) and off when the final evaluation starts: one rollout + one update,
-    without start-up, SFT or evaluation."""
+    without start-up, SFT or evaluation. Returns the top entries and ms per update under the profiler
+    (PPO: from the rollout's last step to the evaluation; sac_flow: sac_update's mean)."""
     args = tyro.cli(S.Args, args=cli_flags(script, env, demos, n) + ["--exp-name", "throughput_profile"])
-    prof, state = cProfile.Profile(), {"on": False, "done": False, "in_eval": False}
+    prof, state = cProfile.Profile(), {"on": False, "done": False, "in_eval": False, "update_s": float("nan")}
     trigger = {"sac_flow": "descend", "rl_cotrain": "sample_chain"}.get(script, "step_chunk")
     original_trigger, original_evaluate = getattr(S, trigger), S.evaluate
 
@@ -277,12 +278,15 @@ def profile_main(S, script, env, demos, n, top=40) -> str:
         if not (state["on"] or state["done"] or state["in_eval"]):
             state["on"] = True
             prof.enable()
-        return original_trigger(*a, **kw)
+        out = original_trigger(*a, **kw)
+        state["t_last"] = time.perf_counter()
+        return out
 
     def evaluate(*a, **kw):
         if state["on"]:
             prof.disable()
             state["on"], state["done"] = False, True
+            state["update_s"] = time.perf_counter() - state["t_last"]
         state["in_eval"] = True
         try:
             return original_evaluate(*a, **kw)
@@ -302,8 +306,13 @@ def profile_main(S, script, env, demos, n, top=40) -> str:
         S.evaluate = original_evaluate
         os.chdir(cwd)
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("cumulative").print_stats(top)
-    return buf.getvalue()
+    stats = pstats.Stats(prof, stream=buf)
+    ms = 1000 * state["update_s"]
+    if script == "sac_flow":  # values: (primitive calls, calls, own time, cumulative time, callers)
+        calls, cum = next((v[1], v[3]) for k, v in stats.stats.items() if k[2] == "sac_update")
+        ms = 1000 * cum / calls
+    stats.strip_dirs().sort_stats("cumulative").print_stats(top)
+    return buf.getvalue(), ms
 
 
 def main():
@@ -321,7 +330,7 @@ def main():
     torch.set_num_threads(1)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     rev, date = rev.stdout.strip(), datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    rows, profiles = [], []
+    rows, profiles = [], {}
     for script in o.scripts:
         S = importlib.import_module(script)
         for env in o.envs:
@@ -353,28 +362,44 @@ def main():
             print(f"   (d) {ms:.1f} ms per update, {upd:.3g} updates per env step", flush=True)
             rows.append(dict(script=script, env=env, num_envs=args.num_envs, env_only_sps=f"{a:.1f}",
                              rollout_sps=f"{b:.1f}", full_loop_sps=f"{c:.1f}", ms_per_update=f"{ms:.1f}",
-                             updates_per_env_step=f"{upd:.4g}", rollout_over_env=f"{b / a:.3f}",
-                             full_over_env=f"{c / a:.3f}", flags=" ".join(cli_flags(script, env, "DEMO", n)),
-                             date=date, commit=rev))  # fmt: skip
+                             ms_per_update_profiled="", updates_per_env_step=f"{upd:.4g}",
+                             rollout_over_env=f"{b / a:.3f}", full_over_env=f"{c / a:.3f}",
+                             flags=" ".join(cli_flags(script, env, "DEMO", n)), date=date,
+                             commit=rev))  # fmt: skip
             if not o.no_profile:
-                text = profile_main(S, script, env, o.demo_path, n_prof)
-                what = f"the loop of main() for {n_prof} env steps (one rollout + one update)"
-                profiles.append(f"==== {script} {env}: {what}\n{text}")
+                text, rows[-1]["ms_per_update_profiled"] = profile_main(S, script, env, o.demo_path, n_prof)
+                rows[-1]["ms_per_update_profiled"] = f"{rows[-1]['ms_per_update_profiled']:.1f}"
+                print(
+                    f"   (d) under the profiler: {rows[-1]['ms_per_update_profiled']} ms per update",
+                    flush=True,
+                )
+                what = f"the loop of main() for {n_prof} env steps (one rollout + one update), {date}, {rev}"
+                profiles[(script, env)] = f"==== {script} {env}: {what}\n{text}"
                 print(
                     text[: text.find("\n\n", text.find("ncalls")) if "ncalls" in text else 2000], flush=True
                 )
-    old = []
+    # a subset replaces its own rows and profile sections; the others stay
+    fields = list(rows[0])
+    order = {(s_, e): i for i, (s_, e) in enumerate((s_, e) for s_ in SCRIPTS for e in ENVS)}
     if os.path.exists(o.out):
         with open(o.out) as f:
             done = {(r["script"], r["env"]) for r in rows}
-            old = [r for r in csv.DictReader(f) if (r["script"], r["env"]) not in done]
+            rows += [r for r in csv.DictReader(f) if (r["script"], r["env"]) not in done]
+    rows.sort(key=lambda r: order[(r["script"], r["env"])])
     with open(o.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         w.writeheader()
-        w.writerows(old + rows)
+        w.writerows(rows)
+    prof_path = Path(o.out).with_name("throughput_profile.txt")
+    if profiles and prof_path.exists():
+        for section in prof_path.read_text().split("\n==== ")[1:]:
+            key = tuple(section.split(":", 1)[0].split())
+            profiles.setdefault(key, "==== " + section.rstrip("\n") + "\n")
     if profiles:
-        with open(Path(o.out).with_name("throughput_profile.txt"), "w") as f:
-            f.write(f"bench/throughput.py, {date}, commit {rev}\n\n" + "\n".join(profiles))
+        body = "\n".join(profiles[k] for k in sorted(profiles, key=order.get))
+        prof_path.write_text(
+            "bench/throughput.py: cProfile sections, top entries by cumulative time\n\n" + body
+        )
     print(f"wrote {o.out}")
 
 
