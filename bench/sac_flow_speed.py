@@ -42,8 +42,9 @@ def make_update(actor, obs_dim, act_dim, hidden, gamma=0.8, tau=0.01):
     qf, qf_target = sf.SoftQ(obs_dim, act_dim, hidden), sf.SoftQ(obs_dim, act_dim, hidden)
     qf_target.load_state_dict(qf.state_dict())
     log_alpha = torch.zeros((), requires_grad=True)
-    opt_pi, opt_q = torch.optim.Adam(actor.parameters(), 3e-4), torch.optim.Adam(qf.parameters(), 1e-3)
-    opt_a = torch.optim.Adam([log_alpha], 1e-3)
+    opt_pi = torch.optim.Adam(actor.parameters(), 3e-4, fused=True)  # as sac_flow.py
+    opt_q = torch.optim.Adam(qf.parameters(), 1e-3, fused=True)
+    opt_a = torch.optim.Adam([log_alpha], 1e-3, fused=True)
 
     def update(s, a, r, s2, d):
         alpha = log_alpha.exp().detach()

@@ -49,6 +49,35 @@ def test_log_prob_matches_torch_distributions(velocity):
     assert torch.allclose(log_pi, ref, rtol=1e-9, atol=1e-7), (log_pi, ref)
 
 
+def test_flow_t_block_equals_a_decoder_block_with_multihead_attention():
+    """With one action-time token and one state token every attention weight is 1: the written-out block
+    (W_sa, + e_s) is the pre-norm decoder block with nn.MultiheadAttention, once W_sa and W_s are the
+    attentions' value-then-output maps (W_s composed with the cross-attention's)."""
+    policy, w = small_policy("t"), 8
+    torch.manual_seed(2)
+    sa, ca = (torch.nn.MultiheadAttention(w, 4, batch_first=True).to(F64) for _ in range(2))
+    W_s_ref = torch.nn.Linear(16, w).to(F64)  # the old state token e_s, before the cross-attention's maps
+
+    def value_then_output(attn):  # (weight, bias) of W_o (W_v x + b_v) + b_o
+        W_v, b_v = attn.in_proj_weight[2 * w :], attn.in_proj_bias[2 * w :]
+        return attn.out_proj.weight @ W_v, attn.out_proj.weight @ b_v + attn.out_proj.bias
+
+    with torch.no_grad():
+        policy.W_sa.weight[:], policy.W_sa.bias[:] = value_then_output(sa)
+        W, bias = value_then_output(ca)
+        policy.W_s.weight[:], policy.W_s.bias[:] = W @ W_s_ref.weight, W @ W_s_ref.bias + bias
+        s, x, t = torch.randn(5, 6, dtype=F64), torch.randn(5, 2, dtype=F64), torch.rand(5, 1, dtype=F64)
+        f = policy.f_s(s)
+        z = policy.W_x(torch.cat([x, t], -1)).unsqueeze(1)
+        mem = W_s_ref(f).unsqueeze(1)
+        q = policy.ln[0](z)
+        z = z + sa(q, q, q, need_weights=False)[0]
+        z = z + ca(torch.randn_like(z), mem, mem, need_weights=False)[0]  # the query does not matter
+        z = z + policy.ffn(policy.ln[1](z))
+        ref = policy.W_o(policy.ln[2](z.squeeze(1)))
+        assert torch.allclose(policy.velocity(t, x, policy.encode(s)[0]), ref, atol=1e-12)
+
+
 def test_squashed_density_integrates_to_one_k1_fixed_sigma():
     """K = 1, fixed σ, 1-D: ∫∫ π(x_0, a|s) dx_0 da = 1 over a ∈ (b − c, b + c), a = c tanh(x_1) + b."""
     policy = small_policy("g", K=1, d=1, c=(1.5,), b=(0.3,))
