@@ -123,6 +123,8 @@ class Args:
     """random actions before this many env steps (none with demos)"""
     utd: float = 0.5
     """gradient updates per environment step"""
+    policy_frequency: int = 1
+    """update the actor and α at every this-many-th critic update (TD3's delayed policy update)"""
     learning_rate: float = 3e-4
     """actor learning rate (also of the flow-matching pretraining)"""
     critic_learning_rate: float = 1e-3
@@ -347,6 +349,7 @@ def validate(args: Args) -> bool:
         (args.gamma is None or 0 < args.gamma <= 1, "need 0 < --gamma <= 1"),
         (0 <= args.tau <= 1, "need 0 <= --tau <= 1"),
         (min(args.utd, args.bc_coef) >= 0, "--utd and --bc-coef must be >= 0"),
+        (args.policy_frequency >= 1, "--policy-frequency must be >= 1"),
         (args.log_sigma_min <= args.log_sigma_max, "need --log-sigma-min <= --log-sigma-max"),
         (min(args.batch_size, args.buffer_size, args.hidden_dim, args.transformer_dim) >= 1,
          "--batch-size, --buffer-size, --hidden-dim and --transformer-dim must be >= 1"),
@@ -661,6 +664,7 @@ def main(args: Args):
     step = ckpt["global_step"] if ckpt else 0
     next_eval = ckpt["next_eval"] if ckpt else 0
     pending = ckpt["pending"] if ckpt else 0.0  # fractional gradient updates owed (--utd)
+    updates = ckpt["updates"] if ckpt else 0  # critic updates so far (--policy-frequency)
     recent = ckpt["recent"] if ckpt else []  # (return, success) of the last 20 training episodes
 
     def save(path):
@@ -669,8 +673,8 @@ def main(args: Args):
             atomic_save(rb.state_dict(), buffer_path)
         atomic_save(dict(
             script="sac_flow", args=asdict(args), global_step=step, next_eval=next_eval, pending=pending,
-            recent=recent, buffer_transitions=rb.size, policy=policy.state_dict(), qf=qf.state_dict(),
-            qf_target=qf_target.state_dict(), log_alpha=log_alpha.detach().cpu(),
+            updates=updates, recent=recent, buffer_transitions=rb.size, policy=policy.state_dict(),
+            qf=qf.state_dict(), qf_target=qf_target.state_dict(), log_alpha=log_alpha.detach().cpu(),
             opts={k: o.state_dict() for k, o in opts.items()}, rng=rng_state(act_space),
         ), path)  # fmt: skip
         print(f"checkpoint {path}", flush=True)
@@ -680,13 +684,16 @@ def main(args: Args):
             for p, p_t in zip(qf.parameters(), qf_target.parameters(), strict=True):
                 p_t.lerp_(p, args.tau)
 
-    def sac_update(s, a, r, s2, d, bc_batch=None):
+    def sac_update(s, a, r, s2, d, bc_batch=None, actor=True):
         alpha = log_alpha.exp().detach()
         with torch.no_grad():
             a2, logp2 = policy(s2)
             y = soft_q_target(r, stop * d, args.gamma, *qf_target(s2, a2), logp2, alpha)
         q_loss = critic_loss(*qf(s, a), y)
         descend(opts["q"], q_loss)
+        if not actor:
+            target_update()
+            return dict(qf_loss=q_loss, alpha=alpha)
         qf.requires_grad_(False)  # the actor loss needs dQ/da, not dQ/dθ_Q
         n = len(s)  # one rollout for the SAC states and the demo states of the BC term
         a_pi, logp = policy(s if bc_batch is None else torch.cat([s, bc_batch[0]]))
@@ -776,12 +783,13 @@ def main(args: Args):
         if rb.size >= args.batch_size and (demos is not None or step >= args.learning_starts):
             pending += args.utd * args.num_envs
             while pending >= 1:
-                pending -= 1
+                pending, actor = pending - 1, updates % args.policy_frequency == 0
                 bc = None
-                if demo_t is not None and args.bc_coef > 0:
+                if actor and demo_t is not None and args.bc_coef > 0:
                     idx = torch.randint(0, n_demo, (args.batch_size,), device=device)
                     bc = (demo_t["s"][idx], demo_t["a"][idx])
-                logs = sac_update(*rb.sample(args.batch_size), bc_batch=bc)
+                logs = (logs or {}) | sac_update(*rb.sample(args.batch_size), bc_batch=bc, actor=actor)
+                updates += 1
                 check_finite(logs, step, ckpt_path)
 
         if step // 1000 > (step - args.num_envs) // 1000 or step >= args.total_timesteps:

@@ -45,6 +45,7 @@ MUTANTS: list[Mutant] = [
     Mutant("sac_flow", "no env reset after a checkpoint", "            obs, _ = envs.reset(seed=args.seed + step)  # a run resumed from here starts with this same reset\n", "", "resumed"),
     Mutant("sac_flow", "warm-up actions from an unseeded action space", "act_space.seed(args.seed)  # the warm-up's random actions", "act_space.seed()", "same_seed"),
     Mutant("sac_flow", "a resumed run starts with no replay buffer (buffer.pt not read)", '    if not training or ckpt["global_step"] == 0:\n        return ckpt, None\n', "    if True:\n        return ckpt, None\n", "resumed"),
+    Mutant("sac_flow", "a resumed run restarts the update count (--policy-frequency out of step)", '    updates = ckpt["updates"] if ckpt else 0  # critic updates so far (--policy-frequency)', "    updates = 0", "resumed"),
     # reinflow
     Mutant("reinflow", "sampler grid k/(K-1) while the scorer uses k/K", "policy.transition(x, k / K, K, s, sigma_min, sigma_max)", "policy.transition(x, k / max(K - 1, 1), K, s, sigma_min, sigma_max)", "sampler_draws or score_function"),
     Mutant("reinflow", "sampler adds sigma^2 eps", "x = mu + sigma * eps", "x = mu + sigma**2 * eps", "sampler_draws or score_function"),

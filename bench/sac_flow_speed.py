@@ -15,27 +15,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sac_flow_mujoco import GaussianPolicy  # noqa: E402  (CleanRL's SAC actor)
+
 import sac_flow as sf  # noqa: E402
-
-
-class GaussianActor(nn.Module):
-    """CleanRL's SAC actor: 2 hidden layers, mean and log-std heads, tanh squashing."""
-
-    def __init__(self, obs_dim, act_dim, hidden, log_std_min=-5.0, log_std_max=2.0):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.mean, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
-        self.lo, self.hi = log_std_min, log_std_max
-
-    def forward(self, s):
-        h = self.net(s)
-        log_std = self.lo + 0.5 * (self.hi - self.lo) * (torch.tanh(self.log_std(h)) + 1)
-        x = self.mean(h) + log_std.exp() * torch.randn_like(log_std)
-        a, log_det = sf.squash(x, torch.ones(x.shape[-1]), torch.zeros(x.shape[-1]))
-        return a, sf.normal_log_prob(x, self.mean(h), log_std.exp()) - log_det
 
 
 def make_update(actor, obs_dim, act_dim, hidden, gamma=0.8, tau=0.01):
@@ -81,7 +65,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     o, d, h = a.obs_dim, a.act_dim, a.hidden
-    actors = {"gaussian (CleanRL)": GaussianActor(o, d, h)}
+    actors = {"gaussian (CleanRL)": GaussianPolicy(o, d, None, 0, h, 0, np.ones(d), np.zeros(d))}
     for v in ("g", "t", "naive"):
         actors[f"flow-{v} K={a.K}"] = sf.FlowPolicy(o, d, v, a.K, h, 64, np.ones(d), np.zeros(d))
     if a.compile:

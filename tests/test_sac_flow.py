@@ -291,7 +291,7 @@ def test_same_seed_same_scalars(tmp_path, monkeypatch, pendulum_runs):
 
 def test_resumed_run_logs_what_the_unbroken_run_logs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = dict(eval_freq=200, **PENDULUM)
+    common = dict(eval_freq=200, policy_frequency=3, **PENDULUM)  # the update count is resumed too
     run_main(tiny_args(exp_name="whole", total_timesteps=400, **common))
     ckpt = checkpoint_in(run_main(tiny_args(exp_name="part", total_timesteps=200, **common)))  # at step 200
     out = run_main(tiny_args(exp_name="resumed", total_timesteps=400, checkpoint=ckpt, **common))

@@ -1,0 +1,268 @@
+"""Gaussian SAC against sac_flow's Flow-G, Flow-T and naive flow on MuJoCo, from scratch (issue 20).
+
+Every variant is sac_flow.main with the same critic, replay buffer, update schedule and evaluation (the
+noise-free policy on seeded episodes every --eval-freq env steps); the Gaussian variant swaps FlowPolicy for
+CleanRL's SAC actor (sac_continuous_action.py: two 256-wide ReLU layers, mean and log-std heads, tanh
+squashing) and keeps SAC's entropy target H̄ = −|A|. For the flows it also records, per evaluation
+interval, the actor loss's gradient at each intermediate flow state, the batch mean of ‖∂L_π/∂x_k‖
+(k = 1..K−1: x_0 does not depend on θ, x_K only enters the squash), and the actor's parameter-gradient norm:
+the paper's claim is that the naive flow's gradients explode or vanish through the K steps while Flow-G's
+and Flow-T's do not.
+
+  OMP_NUM_THREADS=1 python bench/sac_flow_mujoco.py --variant g --env-id Hopper-v5 --seed 1   # one run
+  python bench/sac_flow_mujoco.py --plot      # results/sac_flow/mujoco.csv, mujoco.png, mujoco_grads.png
+Extra sac_flow flags go after `--` (... --seed 1 -- --utd 1). A run writes its eval.csv and gradient norms to
+results/sac_flow/mujoco/<env>_<variant>_s<seed>.csv and ..._grads.csv; its run directory stays under runs/.
+"""
+
+import argparse
+import csv
+import glob
+import os
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sac_flow as sf  # noqa: E402
+
+OUT = ROOT / "results" / "sac_flow" / "mujoco"
+VARIANTS = ["gaussian", "g", "t", "naive"]
+
+
+class GaussianPolicy(nn.Module):
+    """CleanRL's SAC actor behind FlowPolicy's interface (K = 0: eps[0] is the Gaussian's noise)."""
+
+    K = 0
+
+    def __init__(self, obs_dim, act_dim, velocity, K, hidden, t_dim, c, b, log_std_min=-5.0, log_std_max=2.0):
+        super().__init__()
+        self.register_buffer("c", torch.as_tensor(c, dtype=torch.float32))
+        self.register_buffer("b", torch.as_tensor(b, dtype=torch.float32))
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mean, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
+        self.lo, self.hi = log_std_min, log_std_max
+
+    def forward(self, s, eps=None, deterministic=False):
+        h = self.net(s)
+        mean = self.mean(h)
+        std = (self.lo + 0.5 * (self.hi - self.lo) * (torch.tanh(self.log_std(h)) + 1)).exp()
+        eps = torch.randn_like(mean) if eps is None else eps[0]
+        x = mean if deterministic else mean + std * eps
+        a, log_det = sf.squash(x, self.c, self.b)
+        return a, sf.normal_log_prob(x, mean, std) - log_det
+
+
+class RecordedFlow(sf.FlowPolicy):
+    """FlowPolicy noting ‖∂L/∂x_k‖ of each backward pass through a rollout (only the actor loss makes one)."""
+
+    grads: dict = defaultdict(list)
+    policy = None  # the instance main() trains, for the optimiser hook
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        RecordedFlow.policy = self
+
+    def velocity(self, t, x, e_s):
+        if x.requires_grad and isinstance(t, float):  # a rollout step k (flow matching passes a tensor t)
+            k = round(t * self.K)
+            # × batch size: L_π is a batch mean, so this is the gradient of a sample's own loss term
+            x.register_hook(
+                lambda g, k=k: RecordedFlow.grads[f"dL_dx{k}"].append(len(g) * g.norm(dim=-1).mean().item())
+            )
+        return super().velocity(t, x, e_s)
+
+
+def record_actor_grad_norm(opt, args, kwargs):
+    """Optimizer pre-step hook: the total parameter-gradient norm when the optimiser is the actor's."""
+    if (
+        RecordedFlow.policy is not None
+        and opt.param_groups[0]["params"][0] is RecordedFlow.policy.f_s[0].weight
+    ):
+        norms = [p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        RecordedFlow.grads["actor_grad_norm"].append(torch.stack(norms).norm().item())
+
+
+def run(a, extra):
+    args = tyro.cli(
+        sf.Args,
+        args=[
+            "--env-id",
+            a.env_id,
+            "--seed",
+            str(a.seed),
+            "--total-timesteps",
+            str(a.total_timesteps),
+            "--eval-freq",
+            str(a.eval_freq),
+            "--eval-episodes",
+            str(a.eval_episodes),
+            "--exp-name",
+            f"mujoco_{a.variant}",
+            *extra,
+        ],
+    )
+    if a.variant == "gaussian":
+        sf.FlowPolicy = GaussianPolicy
+        if args.target_entropy is None:  # the Gaussian keeps SAC's −|A|, whatever sac_flow's default is
+            import gymnasium as gym
+
+            args.target_entropy = -float(gym.make(a.env_id).action_space.shape[0])
+    else:
+        args.velocity = a.variant
+        sf.FlowPolicy = RecordedFlow
+        register_optimizer_step_pre_hook(record_actor_grad_norm)
+    evaluate, rows = sf.evaluate, []
+
+    def evaluate_and_note_grads(*eval_args, **kw):  # called at steps 0, eval_freq, 2 eval_freq, ..., the end
+        step = min(len(rows) * args.eval_freq, args.total_timesteps)
+        rows.append({"step": step} | {k: float(np.mean(v)) for k, v in RecordedFlow.grads.items()})
+        RecordedFlow.grads.clear()
+        return evaluate(*eval_args, **kw)
+
+    sf.evaluate = evaluate_and_note_grads
+    sf.main(args)
+    run_dir = max(glob.glob(f"runs/{a.env_id}__mujoco_{a.variant}__{a.seed}__*"), key=os.path.getmtime)
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = OUT / f"{a.env_id}_{a.variant}_s{a.seed}"
+    shutil.copy(f"{run_dir}/eval.csv", f"{name}.csv")
+    if a.variant != "gaussian":
+        keys = sorted({k for r in rows for k in r} - {"step"})
+        with open(f"{name}_grads.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["step", *keys])
+            w.writeheader()
+            w.writerows(rows)
+    print(f"wrote {name}.csv" + ("" if a.variant == "gaussian" else f" and {name}_grads.csv"))
+
+
+def read(path):
+    rows = list(csv.DictReader(open(path)))
+    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in rows[0]}
+
+
+def plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = defaultdict(list)  # (env, variant) -> eval columns of each seed
+    for path in sorted(OUT.glob("*_s*.csv")):
+        if not path.stem.endswith("_grads"):
+            env, variant, _ = path.stem.rsplit("_", 2)
+            runs[env, variant].append(read(path))
+    envs = sorted({e for e, _ in runs})
+    fig, axes = plt.subplots(len(envs), 2, figsize=(11, 3.6 * len(envs)), squeeze=False)
+    summary = []
+    for i, env in enumerate(envs):
+        for variant in VARIANTS:
+            seeds = runs.get((env, variant))
+            if not seeds:
+                continue
+            n = min(len(s["step"]) for s in seeds)  # the steps every seed reached
+            ret = np.stack([s["return"][:n] for s in seeds])
+            step, wall = seeds[0]["step"][:n], np.mean([s["wall_s"][:n] for s in seeds], 0) / 60
+            m, sd = ret.mean(0), ret.std(0)
+            label = (
+                "Gaussian SAC"
+                if variant == "gaussian"
+                else f"Flow-{variant.upper()}"
+                if variant != "naive"
+                else "naive flow"
+            )
+            for ax, x in zip(axes[i], (step, wall), strict=True):
+                ax.plot(x, m, label=f"{label} ({len(seeds)} seeds)")
+                ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+            summary.append(
+                dict(
+                    env=env,
+                    variant=variant,
+                    seeds=len(seeds),
+                    steps=int(step[-1]),
+                    final_mean=round(m[-1], 1),
+                    final_std=round(sd[-1], 1),
+                    best_mean=round(ret.max(1).mean(), 1),
+                    auc_mean=round(ret.mean(), 1),
+                    drop_from_best=round((ret.max(1) - ret[:, -1]).mean(), 1),
+                    wall_min=round(wall[-1], 1),
+                )
+            )
+        for ax, xl in zip(
+            axes[i], ("environment steps", "wall minutes (2 cores, 2 runs at a time)"), strict=True
+        ):
+            ax.set(xlabel=xl, ylabel=f"{env} eval return", title=env)
+            ax.grid(alpha=0.3)
+        axes[i][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT.parent / "mujoco.png", dpi=110)
+    with open(OUT.parent / "mujoco.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    print(
+        "| env | policy | seeds | env steps | final return | best return (mean of seeds) | mean over evals "
+        "| drop from best | wall min |"
+    )
+    print("|-|-|-|-|-|-|-|-|-|")
+    for r in summary:
+        print(
+            f"| {r['env']} | {r['variant']} | {r['seeds']} | {r['steps']} "
+            f"| {r['final_mean']} ± {r['final_std']} | "
+            f"{r['best_mean']} | {r['auc_mean']} | {r['drop_from_best']} | {r['wall_min']} |"
+        )
+    grads = defaultdict(list)
+    for path in sorted(OUT.glob("*_grads.csv")):
+        env, variant, _ = path.stem[: -len("_grads")].rsplit("_", 2)
+        grads[env, variant].append(read(path))
+    if grads:
+        fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 3.8), squeeze=False)
+        for j, env in enumerate(envs):
+            ax = axes[0][j]
+            for variant in VARIANTS[1:]:
+                ks = sorted(
+                    {int(c[5:]) for g in grads.get((env, variant), []) for c in g if c.startswith("dL_dx")}
+                )
+                cols = [f"dL_dx{k}" for k in ks]
+                for col, style in zip(cols[:1] + cols[-1:], ("-", "--"), strict=False):
+                    seeds = [g for g in grads.get((env, variant), []) if col in g]
+                    if seeds:
+                        n = min(len(g["step"]) for g in seeds)
+                        ax.plot(
+                            seeds[0]["step"][1:n],
+                            np.nanmean([g[col][1:n] for g in seeds], 0),
+                            style,
+                            label=f"{variant}: ‖∂L/∂x_{col[-1]}‖",
+                        )
+            ax.set(
+                yscale="log", xlabel="environment steps", title=f"{env}: actor-loss gradient at flow states"
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(OUT.parent / "mujoco_grads.png", dpi=110)
+    print(f"wrote {OUT.parent / 'mujoco.csv'}, mujoco.png" + (", mujoco_grads.png" if grads else ""))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=VARIANTS, default="g")
+    ap.add_argument("--env-id", default="Hopper-v5")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--total-timesteps", type=int, default=100_000)
+    ap.add_argument("--eval-freq", type=int, default=5_000)
+    ap.add_argument("--eval-episodes", type=int, default=10)
+    ap.add_argument(
+        "--plot", action="store_true", help="only summarise results/sac_flow/mujoco/ (csv, table, plots)"
+    )
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    plot() if a.plot else run(a, extra)
