@@ -9,13 +9,15 @@ Stage-I ratio alpha and any beta schedule were not readable in the indexed mater
 
 There is no real robot: "real" is the nominal ManiSkill task with shifted dynamics (--real-shift, e.g.
 controller gain 0.6, one step of action delay, lower cube friction), from which only --real-demos
-demonstrations are used and in which no RL happens. "Sim" is the nominal task (motion-planner demos from
-make_demos.sh, unlimited interaction). Real demos come from a short closed-loop scripted expert
-(scripted_pick_expert, scripted_push_expert, scripted_stack_expert) run in the shifted env: it works under the
-shift, and, like real teleoperation vs sim planning, its style differs from the sim demos. Only PickCube-v1,
-PushCube-v1 and StackCube-v1 have such an expert here. One set of shift rules (ShiftWrapper) serves both
-simulator paths: actions are delayed and scaled on ManiSkill's batched tensors, and the task objects'
-mass and friction are set when the scene is built, which physx_cuda requires.
+demonstrations are used and in which no RL happens. "Sim" is the nominal task (unlimited interaction).
+Real demos come from a short closed-loop scripted expert (scripted_pick_expert, scripted_push_expert,
+scripted_stack_expert) run in the shifted env; by default the sim demos come from the same expert run in
+the nominal env, so the two domains differ only in dynamics, as with a digital twin. --demo-path gives
+motion-planner demos from make_demos.sh instead: slow and varied, a style unlike the real demos' (the
+second condition). Only PickCube-v1, PushCube-v1 and StackCube-v1 have such an expert here. One set of
+shift rules (ShiftWrapper) serves both simulator paths: actions are delayed and scaled on ManiSkill's
+batched tensors, and the task objects' mass and friction are set when the scene is built, which
+physx_cuda requires.
 
 Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
@@ -30,6 +32,12 @@ Stage I (all modes):  min_theta  L_SFT on D_mix, D_mix = sim-ratio * D_sim + (1 
 Stage II (rl-co, rl-sim-only), PPO in sim with r = exp(log pi_new(chain) - log pi_old(chain)):
     L_RL = -E min(r A, clip(r, 1 - eps_c, 1 + eps_c) A) + c_v E (V(o) - R)^2,   A by GAE(gamma, lambda)
     L    = L_RL(sim) + beta * L_SFT(real)          (rl-sim-only: beta = 0)
+on the reward r'_t = d_t - d_{t-1} (d: ManiSkill's normalized dense reward, d_{-1} = 0; RLinf's
+relative reward, --relative-reward), whose episode sum is the last step's d: 1 at success, where the
+episode terminates and its return is cut. On d itself a cut return values success (d = 1 once) below
+hovering near the goal (d ~ 0.6 per step to the time limit): the trap sac_flow escapes by bootstrapping
+through success. PPO recipe from flow_noise_ppo (where it raised PickCube success): sigma in [0.02, 0.04],
+lr 1e-5, 10k env steps per update in 10 minibatches.
 
 Modes: real-only (Stage I on real), sft-cotrain (Stage I on the mixture), rl-co (Stage I + II),
 rl-sim-only (Stage I + II without the real anchor).
@@ -78,6 +86,9 @@ class Args:
     # Environment
     env_id: str = "PickCube-v1"
     """the ManiSkill task id (PickCube-v1, PushCube-v1 or StackCube-v1: the tasks with a scripted expert)"""
+    relative_reward: bool = True
+    """if toggled, Stage II trains on r_t - r_{t-1} (r_{-1} = 0) of the normalized dense reward, RLinf's
+    use_rel_reward: its episode sum is the last step's reward (1 at success): hovering near success earns 0"""
     max_episode_steps: int = 100
     """episode length (motion-planned PickCube demos are 49-99 steps)"""
     num_envs: int = 2
@@ -90,7 +101,7 @@ class Args:
     """gymnasium: one simulator per process in gymnasium's AsyncVectorEnv (CPU); maniskill: ManiSkill's
     batched env in ManiSkillVectorEnv, the GPU path (on physx_cpu it needs --num-envs 1 and is how the tests
     run the GPU code); auto: maniskill on physx_cuda, gymnasium otherwise"""
-    eval_freq: int = 4000
+    eval_freq: int = 20_000
     """evaluate (and checkpoint) every eval_freq env steps of Stage II, rounded to whole iterations"""
     eval_episodes: int = 20
     """episodes per domain per evaluation (fixed layouts, the same for every mode)"""
@@ -117,14 +128,15 @@ class Args:
     """width of the velocity network and the critic (3 hidden layers each)"""
     sigma_min: float = 0.02
     """lower bound of the learned per-step noise std"""
-    sigma_max: float = 0.2
+    sigma_max: float = 0.04
     """upper bound of the learned per-step noise std"""
 
     # Sim demos and Stage I (SFT)
-    demo_path: str = "demos/PickCube-v1/motionplanning/mp100.state.pd_ee_delta_pos.physx_cpu.h5"
-    """h5 of sim (nominal) demos made by make_demos.sh (state obs, pd_ee_delta_pos)"""
+    demo_path: str | None = None
+    """h5 of sim demos made by make_demos.sh (motion planner, state obs, pd_ee_delta_pos); none: the real
+    demos' scripted expert run in sim (one demo style, the domains differ only in dynamics)"""
     num_demos: int | None = None
-    """use only the first N sim trajectories of the file (default: all)"""
+    """sim demos: the first N trajectories of --demo-path (default: all) or N expert episodes (default 100)"""
     sft_steps: int = 4000
     """Stage I gradient steps"""
     sft_batch_size: int = 256
@@ -133,17 +145,17 @@ class Args:
     """Stage I learning rate"""
 
     # PPO (Stage II)
-    learning_rate: float = 3e-5
+    learning_rate: float = 1e-5
     """Stage II actor (velocity + noise network) learning rate"""
     critic_learning_rate: float = 1e-3
     """critic learning rate"""
-    critic_warmup_iters: int = 2
+    critic_warmup_iters: int = 1
     """first Stage II iterations update only the critic (the BC policy's value is unknown)"""
     gamma: float = 0.99
     """the discount factor gamma"""
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
-    num_minibatches: int = 4
+    num_minibatches: int = 10
     """the number of mini-batches"""
     update_epochs: int = 4
     """the K epochs to update the policy"""
@@ -155,9 +167,9 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: float = 0.1
     """stop the epoch loop when the approximate KL exceeds this"""
-    total_timesteps: int = 40_000
+    total_timesteps: int = 200_000
     """Stage II environment steps in sim"""
-    num_steps: int = 200
+    num_steps: int = 5000
     """steps per environment per rollout"""
 
     # filled at runtime
@@ -385,10 +397,13 @@ def cpu_env(args: Args, shift: dict, evaluation: bool):
 class VecEnv:
     """n envs of one domain behind one torch API on either path: ManiSkill's batched env (ManiSkillVectorEnv)
     or one physx_cpu simulator per process in gymnasium's vector env. No autoreset: the caller resets the envs
-    whose episode ended (reset_done). Evaluation envs ignore terminations: episodes run to the time limit."""
+    whose episode ended (reset_done). Evaluation envs ignore terminations: episodes run to the time limit, and
+    their reward is the dense one (training envs: relative with --relative-reward)."""
 
     def __init__(self, args: Args, n: int, shift: dict, device, evaluation: bool):
         self.num_envs, self.device, self.batched = n, device, args.vector_env == "maniskill"
+        self.relative = args.relative_reward and not evaluation
+        self.prev_r = torch.zeros(n, device=device)  # r_{t-1} of each env, for --relative-reward
         if self.batched:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
@@ -414,17 +429,22 @@ class VecEnv:
     def reset(self, seeds: list[int], rebuild=False) -> torch.Tensor:
         """rebuild: in a new scene, where a seeded episode replays exactly (PhysX keeps contact state across
         resets, so after other episodes the same seed can play out differently once objects touch)."""
+        self.prev_r.zero_()
         return self._t(self.envs.reset(seed=seeds, options={"reconfigure": rebuild})[0])
 
     def step(self, action: torch.Tensor):
         """-> obs, reward, terminated, truncated, success (tensors on the device)."""
         obs, r, term, trunc, info = self.envs.step(action if self.batched else action.cpu().numpy())
         flags = (self._t(x, torch.bool) for x in (term, trunc, info["success"]))
-        return self._t(obs), self._t(r), *flags
+        r = self._t(r)
+        if self.relative:
+            r, self.prev_r = r - self.prev_r, r
+        return self._t(obs), r, *flags
 
     def reset_done(self, done: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         if not done.any():
             return obs
+        self.prev_r[done] = 0.0
         if self.batched:
             new = self.envs.reset(options={"env_idx": done.nonzero()[:, 0]})[0]
         else:
@@ -500,7 +520,7 @@ def load_sim_demos(path: str, num_demos: int | None):
     import h5py
 
     if not os.path.exists(path):
-        fail(f"sim demo file {path} not found: make it with `bash make_demos.sh` or pass --demo-path")
+        fail(f"sim demo file {path} not found: make it with `bash make_demos.sh` or drop --demo-path")
     meta_path = path[: -len(".h5")] + ".json"
     if path.endswith(".h5") and os.path.exists(meta_path):
         mode = json.load(open(meta_path))["env_info"]["env_kwargs"].get("control_mode")
@@ -526,8 +546,10 @@ def load_sim_demos(path: str, num_demos: int | None):
     return np.concatenate(obs).astype(np.float32), np.concatenate(act).astype(np.float32)
 
 
-def collect_real_demos(envs: VecEnv, n: int, seed: int, expert):
-    """Runs the expert in the (shifted) eval envs; keeps each successful episode up to its first success."""
+def collect_demos(envs: VecEnv, shift: dict, n: int, seed: int, expert):
+    """Runs the expert in the eval envs under shift, on the layouts of seeds seed, seed + 1, ...; keeps each
+    successful episode up to its first success."""
+    envs.set_shift(shift)
     obs_buf, act_buf, tried = [], [], 0
     while len(obs_buf) < n and tried < 4 * n + 8:
         o = envs.reset([seed + tried + i for i in range(envs.num_envs)]).cpu().numpy()
@@ -544,7 +566,7 @@ def collect_real_demos(envs: VecEnv, n: int, seed: int, expert):
                 act_buf.append(np.stack(act_steps)[:, i])
             done |= success | trunc
     if len(obs_buf) < n:
-        fail(f"the scripted expert solved only {len(obs_buf)} of {tried} real episodes: lower --real-demos")
+        fail(f"the scripted expert solved only {len(obs_buf)} of {tried} episodes under {shift}: ask fewer")
     return np.concatenate(obs_buf).astype(np.float32), np.concatenate(act_buf).astype(np.float32)
 
 
@@ -668,9 +690,8 @@ def main(args: Args):
         domains["eval_shift"] = parse_shift(args.eval_shift)
     sim_ratio = 0.0 if args.mode == "real-only" else args.sim_ratio
     beta = args.aux_coef if args.mode == "rl-co" else 0.0
-    sim_demos = None
-    if sim_ratio > 0 and ckpt is None and not args.evaluate:  # sim demos serve Stage I only
-        sim_demos = load_sim_demos(args.demo_path, args.num_demos)
+    stage_one = sim_ratio > 0 and ckpt is None and not args.evaluate  # sim demos serve Stage I only
+    sim_demos = load_sim_demos(args.demo_path, args.num_demos) if stage_one and args.demo_path else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -716,7 +737,9 @@ def main(args: Args):
         return result
 
     expert = EXPERTS[args.env_id]
-    real_o, real_a = collect_real_demos(eval_envs, args.real_demos, 10_000 + 1000 * args.seed, expert)
+    real_o, real_a = collect_demos(eval_envs, real_shift, args.real_demos, 10_000 + 1000 * args.seed, expert)
+    if stage_one and not args.demo_path:  # layouts apart from the real demos' and the evaluation's
+        sim_demos = collect_demos(eval_envs, domains["sim"], args.num_demos or 100, 10**6 * args.seed, expert)
     real_o, real_a = torch.as_tensor(real_o, device=device), torch.as_tensor(real_a, device=device)
     sim_o, sim_a = (torch.as_tensor(x, device=device) for x in sim_demos) if sim_demos else (None, None)
 
@@ -733,7 +756,8 @@ def main(args: Args):
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     n_sim = 0 if sim_o is None else len(sim_o)
     backend = f"{args.sim_backend}, {args.vector_env}"
-    demos = f"{n_sim + len(real_o)} transitions ({n_sim} sim, {len(real_o)} real)"
+    source = args.demo_path or "expert"
+    demos = f"{n_sim + len(real_o)} transitions ({n_sim} sim from {source}, {len(real_o)} real)"
     print(f"run {run_dir} | env {args.env_id} ({backend}) | device {device} | demos {demos}", flush=True)
     if ckpt is not None:
         print(f"resumed {args.checkpoint} at step {global_step}", flush=True)

@@ -126,6 +126,46 @@ def test_ppo_policy_loss_and_gae_by_hand():
     torch.testing.assert_close(ret, adv + values)
 
 
+def test_relative_reward_values_success_above_hovering_near_the_goal():
+    """The success-termination trap and its fix, on the scripted expert's episodes in a training env: success
+    terminates the episode and cuts its return. On the dense reward d (rebuilt here as the running sum of
+    r'_t = d_t - d_{t-1}) hovering 3 cm above the goal to the time limit returns more than succeeding; on the
+    relative reward the loop trains on, succeeding returns more. Each episode's r' sums to its last d."""
+    args = rc.Args(max_episode_steps=40, sim_backend="physx_cpu", vector_env="gymnasium")
+    envs = rc.VecEnv(args, 1, dict(rc.NOMINAL_SHIFT), CPU, evaluation=False)
+
+    def hover(o):
+        return rc.grasp_and_carry(o[:, 19:22], o[:, 29:32], o[:, 18] > 0.5, o[:, 26:29] + [0.0, 0.0, 0.03])
+
+    def episode(expert, o):
+        rewards = []
+        while True:
+            o, r, term, trunc, success = envs.step(torch.as_tensor(expert(o.numpy())))
+            rewards.append(r.item())
+            if term | trunc:
+                return o, term | trunc, rewards, bool(term), bool(success)
+
+    def start_return(rewards):  # the loop's targets for one episode: lambda = 1, V = 0, no bootstrap
+        r = torch.tensor(rewards)[:, None]
+        dones = torch.zeros_like(r)
+        dones[-1] = 1.0
+        return rc.gae(r, torch.zeros_like(r), dones, torch.zeros(1), args.gamma, 1.0)[1][0].item()
+
+    try:
+        o, done, rel_success, term, success = episode(rc.scripted_pick_expert, envs.reset([2]))
+        assert term and success and len(rel_success) < 40
+        # the next episode starts by reset_done: its r' must not subtract the last episode's final d
+        _, _, rel_hover, term, success = episode(hover, envs.reset_done(done, o))
+        assert not term and not success and len(rel_hover) == 40
+    finally:
+        envs.close()
+    assert sum(rel_success) == pytest.approx(1.0, abs=1e-5)  # normalized dense reward at success
+    assert 0.3 < sum(rel_hover) < 0.8
+    dense_success, dense_hover = np.cumsum(rel_success).tolist(), np.cumsum(rel_hover).tolist()
+    assert start_return(dense_hover) > 2 * start_return(dense_success)  # the trap
+    assert start_return(rel_success) > start_return(rel_hover) + 0.2  # the fix
+
+
 def test_sft_loss_drops_on_toy_dataset():
     policy = tiny_policy()
     o = torch.randn(256, 6)
@@ -233,7 +273,7 @@ def sim_demos(tmp_path_factory) -> Path:
     args = rc.Args(max_episode_steps=50, sim_backend="physx_cpu", vector_env="gymnasium")
     envs = rc.VecEnv(args, 1, dict(rc.NOMINAL_SHIFT), CPU, evaluation=True)
     try:
-        obs, act = rc.collect_real_demos(envs, 2, seed=0, expert=rc.scripted_pick_expert)
+        obs, act = rc.collect_demos(envs, dict(rc.NOMINAL_SHIFT), 2, seed=0, expert=rc.scripted_pick_expert)
     finally:
         envs.close()
     path = tmp_path_factory.mktemp("sim_demos") / "sim.h5"
@@ -315,8 +355,22 @@ def test_bad_demo_file_via_cli_is_one_line_no_traceback(bad_files):
 
 
 def test_same_seed_same_numbers_exact_resume_and_nan_guard(capsys, monkeypatch):
-    flags = ["--mode", "rl-sim-only", "--sim-ratio", "0", "--num-steps", "32", "--eval-freq", "64"]
-    _, a = _run(capsys, *flags, "--total-timesteps", "128", "--exp-name", "test_rlco_a")
+    flags = ["--mode", "rl-sim-only", "--num-demos", "2", "--num-steps", "32", "--eval-freq", "64"]
+    calls = []
+
+    def spy(envs, shift, n, seed, expert):
+        obs, act = collect_demos(envs, shift, n, seed, expert)
+        calls.append((shift, n, seed, len(obs)))
+        return obs, act
+
+    collect_demos = rc.collect_demos
+    monkeypatch.setattr(rc, "collect_demos", spy)
+    out, a = _run(capsys, *flags, "--total-timesteps", "128", "--exp-name", "test_rlco_a")
+    # without --demo-path the sim demos are the real demos' expert in the nominal domain, on other layouts
+    (real, n_real, real_seed, len_real), (sim, n_sim, sim_seed, len_sim) = calls
+    assert (real, n_real, sim, n_sim) == (rc.parse_shift(rc.Args.real_shift), 2, rc.NOMINAL_SHIFT, 2)
+    assert abs(sim_seed - real_seed) > 100 and f"({len_sim} sim from expert, {len_real} real)" in out
+    monkeypatch.undo()
     sa = read_scalars(a)
     assert "charts/episodic_return" in sa and "losses/policy_loss" in sa
     # a run killed after the checkpoint at step 64 (here: one that ends there), same seed: the same numbers
