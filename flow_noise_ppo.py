@@ -677,11 +677,13 @@ def demo_chunks(path, trajs, H: int, obs_dim: int, act_dim: int, token=None):
 
 @torch.no_grad()
 def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
-    """Noiseless chains, no partial resets: rounds of N full episodes (the first seeded) until each task has
-    n_episodes. Returns the task-averaged means and, with several tasks, "{task}/{metric}" too."""
+    """Noiseless chains, no partial resets: rounds of N full episodes until each task has n_episodes; env i of
+    the round that starts at episode j resets with seed + j + i, so with one task episode i starts from the
+    reset with seed + i whatever N is (every script evaluates on the same initial states). Returns the
+    task-averaged means and, with several tasks, "{task}/{metric}" too."""
     rows = []  # (task, return, success_once, success_at_end)
     while min(sum(row[0] == k for row in rows) for k in range(len(envs.tasks))) < n_episodes:
-        obs = envs.reset(seed=None if rows else seed)
+        obs = envs.reset(seed=[seed + len(rows) + i for i in range(len(envs.task_of_env))])
         ep = new_episodes(obs.shape[0], obs.device)
         alive = torch.ones_like(ep["success_once"])
         while alive.any():

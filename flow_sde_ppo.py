@@ -589,23 +589,27 @@ def new_episode_stats(n, device):
 
 @torch.no_grad()
 def evaluate(agent, envs, args, device):
-    """Deterministic ODE sampling (no stochastic step); each env plays its first ceil(E/N) episodes, so
-    short (often successful) episodes are not over-counted. Envs and the chains' initial noise are seeded with
-    seed + 10000: a checkpoint's --evaluate repeats the evaluation its run logged."""
-    gen = torch.Generator(device).manual_seed(args.seed + 10_000)
-    obs, _ = envs.reset(seed=args.seed + 10_000)
-    obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
-    n = obs.shape[0]
-    m = -(-args.eval_episodes // n)
-    ep, done_eps = new_episode_stats(n, device), [[] for _ in range(n)]
-    while min(len(d) for d in done_eps) < m:
-        chain, _ = agent.sample(agent.normalize(obs), args.denoising_steps, [], 0.0, "ode", gen)
-        acts = agent.to_env(chain[:, -1, : args.num_action_chunks])
-        obs, _, _, _, _, finished = step_chunk(envs, acts, ep, device)
-        for i, e in finished:
-            done_eps[i].append(e)
-    done_eps = [e for d in done_eps for e in d[:m]]
-    return {k: float(np.mean([e[k] for e in done_eps])) for k in done_eps[0]}
+    """Deterministic ODE sampling (no stochastic step) in rounds of N episodes, one per env: episode i starts
+    from the reset with seed seed + 10000 + i whatever N is (every script evaluates on the same initial
+    states), and the chains' initial noise comes from seed + 10000: a checkpoint's --evaluate repeats the
+    evaluation its run logged. Each round keeps every env's first episode, so short (often successful)
+    episodes are not over-counted."""
+    seed = args.seed + 10_000
+    gen = torch.Generator(device).manual_seed(seed)
+    episodes = []
+    while len(episodes) < args.eval_episodes:
+        obs, _ = envs.reset(seed=[seed + len(episodes) + i for i in range(envs.num_envs)])
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        ep, first = new_episode_stats(envs.num_envs, device), {}
+        while len(first) < envs.num_envs:
+            chain, _ = agent.sample(agent.normalize(obs), args.denoising_steps, [], 0.0, "ode", gen)
+            acts = agent.to_env(chain[:, -1, : args.num_action_chunks])
+            obs, _, _, _, _, finished = step_chunk(envs, acts, ep, device)
+            for i, e in finished:
+                first.setdefault(i, e)
+        episodes += [first[i] for i in range(envs.num_envs)]
+    episodes = episodes[: args.eval_episodes]
+    return {k: float(np.mean([e[k] for e in episodes])) for k in episodes[0]}
 
 
 # ---------------------------------------------------------------- demos and checkpoints

@@ -424,15 +424,17 @@ class InProcessEnvs:
 
     def __init__(self, thunks):
         self.envs = [make() for make in thunks]
+        self.num_envs = len(self.envs)
         self.single_observation_space = self.envs[0].observation_space
         self.single_action_space = self.envs[0].action_space
         self.obs = np.zeros((len(self.envs), *self.single_observation_space.shape), np.float32)
         self.ended = np.zeros(len(self.envs), bool)
 
     def reset(self, seed=None, options=None):
+        """seed: None or one seed per env, as gymnasium's vector envs take them."""
         mask = options["reset_mask"] if options else np.ones(len(self.envs), bool)
         for i in np.flatnonzero(mask):
-            self.obs[i] = self.envs[i].reset(seed=None if seed is None else seed + int(i))[0]
+            self.obs[i] = self.envs[i].reset(seed=None if seed is None else seed[i])[0]
         self.ended[mask] = False
         return self.obs.copy(), {}
 
@@ -523,38 +525,44 @@ def step_chunk(envs, obs, chunk, ep, low, high, trace=None):
 
 
 def reset_all(envs, seed):
-    return to_np(envs.reset(seed=seed)[0])
+    """Resets env i with seed + i on every path (an int seed would make ManiSkill's batched env derive the
+    other envs' seeds from the first)."""
+    return to_np(envs.reset(seed=[seed + i for i in range(envs.num_envs)])[0])
 
 
 @torch.no_grad()
 def evaluate(policy, envs, obs_norm, K, n_episodes, seed, bounds, trajectories=None):
-    """Deterministic ODE policy; x_0 and the env resets come from `seed`, so a checkpoint scores the same
-    every time. Mean over the first n_episodes // N (+1) episodes of each env: keeping the first n_episodes
-    to end overall would favour short (e.g. fallen) episodes. A list `trajectories` gets each kept episode's
-    (obs, env actions, return)."""
-    obs, episodes = reset_all(envs, seed), []
-    n = len(obs)
-    ep = new_episode_stats(n)
+    """Deterministic ODE policy in rounds of N episodes, one per env: episode i starts from the reset with
+    seed `seed + i` whatever N is (every script evaluates on the same initial states), and x_0 comes from
+    `seed`, so a checkpoint scores the same every time. Each round keeps every env's first episode (keeping
+    the first to end would favour short, e.g. fallen, ones). A list `trajectories` gets each episode's (obs,
+    env actions, return)."""
+    episodes, kept_steps = [], []
     gen = torch.Generator(policy.sigma_net[0].weight.device).manual_seed(seed)
-    quota = [n_episodes // n + (i < n_episodes % n) for i in range(n)]
-    steps = [[] for _ in range(n)]  # (obs, env action) of each env's running episode
-    while any(quota):
-        s = obs_norm(obs)
-        x0 = torch.randn(n, policy.D, generator=gen, device=s.device)
-        chunk = ode_action(policy, s, K, x0).reshape(n, -1, len(bounds[0])).cpu().numpy()
-        trace = []
-        obs, *_, eps = step_chunk(envs, obs, chunk, ep, *bounds, trace)
-        for o, a, alive in trace:
-            for i in np.flatnonzero(alive):
-                steps[i].append((o[i], a[i]))
-        for e in eps:
-            i = e["env"]
-            if quota[i] > 0:
-                quota[i] -= 1
-                episodes.append(e)
-                if trajectories is not None:
-                    trajectories.append((*map(np.stack, zip(*steps[i], strict=True)), e["episode_return"]))
-            steps[i] = []
+    while len(episodes) < n_episodes:
+        obs = reset_all(envs, seed + len(episodes))
+        n = len(obs)
+        ep, first = new_episode_stats(n), [None] * n
+        steps = [[] for _ in range(n)]  # (obs, env action) of each env's first episode
+        while None in first:
+            s = obs_norm(obs)
+            x0 = torch.randn(n, policy.D, generator=gen, device=s.device)
+            chunk = ode_action(policy, s, K, x0).reshape(n, -1, len(bounds[0])).cpu().numpy()
+            trace = []
+            obs, *_, eps = step_chunk(envs, obs, chunk, ep, *bounds, trace)
+            for o, a, alive in trace:
+                for i in np.flatnonzero(alive):
+                    if first[i] is None:
+                        steps[i].append((o[i], a[i]))
+            for e in eps:
+                if first[e["env"]] is None:
+                    first[e["env"]] = e
+        episodes += first
+        kept_steps += steps
+    episodes, kept_steps = episodes[:n_episodes], kept_steps[:n_episodes]
+    if trajectories is not None:
+        for steps, e in zip(kept_steps, episodes, strict=True):
+            trajectories.append((*map(np.stack, zip(*steps, strict=True)), e["episode_return"]))
     return {k: float(np.mean([e[k] for e in episodes])) for k in EPISODE_KEYS}
 
 

@@ -172,6 +172,42 @@ def test_ppo_loss_gradcheck(logprob_type):
     assert torch.autograd.gradcheck(f, (new, new_v))
 
 
+class SeedEchoEnvs:
+    """One task, n envs: env i's episodes last 1 + 2i steps, and the first step's reward is the seed of the
+    reset that began the episode (-1: unseeded), so an episode's return says where it began."""
+
+    def __init__(self, n):
+        self.tasks, self.task_of_env = ["echo"], [0] * n
+        self.t, self.seed = torch.zeros(n, dtype=torch.long), torch.full((n,), -1.0)
+
+    def reset(self, seed=None):
+        self.t[:] = 0
+        self.seed[:] = -1.0 if seed is None else torch.as_tensor(seed, dtype=torch.float32)
+        return torch.zeros(len(self.t), 1)
+
+    def step(self, a):
+        r = torch.where(self.t == 0, self.seed, 0.0)
+        self.t += 1
+        term = self.t >= 1 + 2 * torch.arange(len(self.t))
+        return torch.zeros(len(self.t), 1), r, term, torch.zeros_like(term), torch.zeros_like(term)
+
+
+class ZeroPolicy:
+    def sample(self, obs, stochastic=True):
+        return (torch.zeros(len(obs), K + 1, H, A),)
+
+    def to_env(self, x):
+        return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_evaluation_episode_i_starts_from_the_reset_seeded_seed_plus_i(n):
+    """Whatever the number of eval envs and episode lengths, episode i is the reset with seed + i: every
+    script's --evaluate with one --seed plays the same initial states."""
+    stats = fnp.evaluate(ZeroPolicy(), SeedEchoEnvs(n), 5, C, 10_005)
+    assert stats["return"] == np.mean([10_005 + i for i in range(5)])
+
+
 def test_gae_matches_a_direct_sum():
     r = torch.tensor([[1.0], [0.0], [2.0]])
     v = torch.tensor([[0.5], [0.2], [0.1]])

@@ -173,6 +173,46 @@ def test_ppo_loss_gradcheck(shape):
     assert torch.autograd.gradcheck(step_logp, (v,))
 
 
+class SeedEchoEnvs:
+    """n envs, the vector API without autoreset: env i's episodes last 1 + 2i steps, and the first step's
+    reward is the seed of the reset that began the episode (-1: unseeded): the return says where it began."""
+
+    def __init__(self, n):
+        self.num_envs, self.t, self.seed = n, np.zeros(n, int), np.full(n, -1.0)
+
+    def reset(self, seed=None, options=None):
+        idx = options["env_idx"].numpy() if options else np.arange(self.num_envs)
+        self.t[idx] = 0
+        self.seed[idx] = -1.0 if seed is None else np.asarray(seed, float)[idx]
+        return np.zeros((self.num_envs, 1), np.float32), {}
+
+    def step(self, action):
+        r = np.where(self.t == 0, self.seed, 0.0)
+        self.t += 1
+        term = self.t >= 1 + 2 * np.arange(self.num_envs)
+        return np.zeros((self.num_envs, 1), np.float32), r, term, np.zeros_like(term), {}
+
+
+class ZeroAgent:
+    def normalize(self, o):
+        return o
+
+    def sample(self, o, K, stochastic, a, sampler, generator=None):
+        return torch.zeros(len(o), K + 1, 8, 1), None
+
+    def to_env(self, x):
+        return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_evaluation_episode_i_starts_from_the_reset_seeded_seed_plus_10000_plus_i(n):
+    """Whatever the number of eval envs and episode lengths, episode i is the reset with seed + 10000 + i:
+    every script's --evaluate with one --seed plays the same initial states."""
+    args = F.Args(seed=5, eval_episodes=5, denoising_steps=1, num_action_chunks=2)
+    res = F.evaluate(ZeroAgent(), SeedEchoEnvs(n), args, "cpu")
+    assert res["return"] == np.mean([10_005 + i for i in range(5)])
+
+
 def test_gae_matches_hand_computation():
     r, v = torch.tensor([[1.0], [0.0], [2.0]]), torch.tensor([[0.5], [0.2], [0.1]])
     d, nv = torch.tensor([[0.0], [1.0], [0.0]]), torch.tensor([0.3])

@@ -263,7 +263,8 @@ def test_episode_end_inside_a_chunk_drops_the_leftover_actions(env_id, vector_en
 
 
 class FakeEnv:
-    """Episodes of `length` steps with return `length` (reward 1 per step)."""
+    """Episodes of `length` steps with return `length` (reward 1 per step); a reset's obs shows its seed (-1:
+    unseeded)."""
 
     def __init__(self, length):
         import gymnasium as gym
@@ -274,7 +275,7 @@ class FakeEnv:
 
     def reset(self, seed=None):
         self.t = 0
-        return np.zeros(3, np.float32), {}
+        return np.array([-1 if seed is None else seed, 0, 0], np.float32), {}
 
     def step(self, action):
         self.t += 1
@@ -289,6 +290,18 @@ def test_evaluate_takes_the_same_number_of_episodes_from_each_env():
     bounds = (-np.ones(2, np.float32), np.ones(2, np.float32))
     m = rf.evaluate(pol, envs, torch.as_tensor, 2, 4, 0, bounds)
     assert m["episode_return"] == 3.0 and m["episode_length"] == 3.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_evaluation_episode_i_starts_from_the_reset_seeded_seed_plus_i(n):
+    """Whatever the number of eval envs and episode lengths, episode i is the reset with seed + i: every
+    script's --evaluate with one --seed plays the same initial states."""
+    envs = rf.InProcessEnvs([lambda i=i: FakeEnv(1 + 2 * i) for i in range(n)])
+    pol = make_policy(Ta=1, dtype=torch.float32)
+    bounds = (-np.ones(2, np.float32), np.ones(2, np.float32))
+    trajectories = []
+    rf.evaluate(pol, envs, torch.as_tensor, 2, 5, 100, bounds, trajectories)
+    assert [obs[0, 0] for obs, _, _ in trajectories] == [100, 101, 102, 103, 104]
 
 
 # ---------------------------------------------------------------- runs: determinism, exact resume, guards
