@@ -52,3 +52,30 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0():
     assert result.returncode == 0, result.stderr
     assert "no GPU" in result.stdout
     assert not (ROOT / "runs" / "gpu_check").exists()
+
+
+
+def test_benchmark_rows_parse_with_their_scripts(tmp_path):
+    """Every row of bench/pickcube_benchmark.py, as it trains and as it evaluates, is a valid command line of
+    its script (a renamed flag fails here, not hours into a benchmark run)."""
+    import importlib
+    import sys
+
+    import tyro
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import pickcube_benchmark as B
+
+    demo = tmp_path / "demos.h5"
+    demo.touch()
+    for row, (script, _, marks) in B.ROWS.items():
+        args = B.parse_args(["--row", row, "--seed", "1", "--demo-path", str(demo)])
+        assert args.marks == marks and marks[-1] == (150_000 if script == "sac_flow.py" else 500_000)
+        S = importlib.import_module(script.removesuffix(".py"))
+        train = tyro.cli(S.Args, args=[*B.row_flags(args), "--total-timesteps", str(marks[-1])])
+        protocol = (train.env_id, train.max_episode_steps, train.num_envs, train.num_eval_envs)
+        assert protocol == ("PickCube-v1", 100, 2, 2) and train.sft_steps == 8000
+        assert train.demo_path == str(demo.resolve())
+        tyro.cli(S.Args, args=[*B.row_flags(args), "--checkpoint", "x.pt", "--evaluate", "--seed", "1000000"])
+    with pytest.raises(SystemExit, match="--marks"):
+        B.parse_args(["--row", "reinflow", "--seed", "1", "--demo-path", str(demo), "--marks", "50,0"])
