@@ -28,6 +28,8 @@ Writes results/benchmark/runs/<row>_s<seed>/ (git-ignored: train.log, the script
 mark_<step>.pt, mark_<step>.eval.json, eval.log, run.json) and results/benchmark/per_run/<row>_s<seed>.csv
 (step, wall_s, success_once, success_at_end, return), which is committed. The same command again skips what is
 done (a finished training, an evaluated mark); a training that did not reach its last mark starts again.
+--train-only stops after training, so the trainings can run alone on the machine (their wall time is the
+measurement) and the evaluations later.
 """
 
 import argparse
@@ -89,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--marks", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                    help="env-step marks, comma-separated (default: the protocol's for the row)")  # fmt: skip
     p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES, help="episodes per mark evaluation")
+    p.add_argument("--train-only", action="store_true",
+                   help="stop after training; the same command without it then evaluates the marks")
     p.add_argument("--extra", default="", help="flags after the row's (the later flag wins); for probes only")
     p.add_argument("--out", type=Path, default=OUT, help="where runs/ and per_run/ go")
     args = p.parse_args(argv)
@@ -181,6 +185,8 @@ def main(argv=None):
                     commit=commit.strip(), flags=row_flags(args), load_at_end=os.getloadavg(),
                     wall_s={str(k): w for k, w in walls.items()})  # fmt: skip
         info_path.write_text(json.dumps(info, indent=1))
+    if args.train_only:
+        return
     rows = []
     for step in args.marks:
         res = evaluate(args, script, run_dir, step)
