@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sac_flow as sf  # noqa: E402
 
-OUT = ROOT / "results" / "sac_flow" / "mujoco"
 VARIANTS = ["gaussian", "g", "t", "naive"]
 
 
@@ -91,7 +90,7 @@ def record_actor_grad_norm(opt, args, kwargs):
         RecordedFlow.grads["actor_grad_norm"].append(torch.stack(norms).norm().item())
 
 
-def run(a, extra):
+def run(a, extra, out_dir):
     args = tyro.cli(
         sf.Args,
         args=[
@@ -130,9 +129,9 @@ def run(a, extra):
 
     sf.evaluate = evaluate_and_note_grads
     sf.main(args)
-    run_dir = max(glob.glob(f"runs/{a.env_id}__mujoco_{a.variant}__{a.seed}__*"), key=os.path.getmtime)
-    OUT.mkdir(parents=True, exist_ok=True)
-    name = OUT / f"{a.env_id}_{a.variant}_s{a.seed}"
+    run_dir = max(glob.glob(f"runs/{a.env_id}__{args.exp_name}__{a.seed}__*"), key=os.path.getmtime)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = out_dir / f"{a.env_id}_{a.variant}_s{a.seed}"
     shutil.copy(f"{run_dir}/eval.csv", f"{name}.csv")
     if a.variant != "gaussian":
         keys = sorted({k for r in rows for k in r} - {"step"})
@@ -148,14 +147,14 @@ def read(path):
     return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in rows[0]}
 
 
-def plot():
+def plot(out_dir):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = defaultdict(list)  # (env, variant) -> eval columns of each seed
-    for path in sorted(OUT.glob("*_s*.csv")):
+    for path in sorted(out_dir.glob("*_s*.csv")):
         if not path.stem.endswith("_grads"):
             env, variant, _ = path.stem.rsplit("_", 2)
             runs[env, variant].append(read(path))
@@ -202,8 +201,8 @@ def plot():
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT.parent / "mujoco.png", dpi=110)
-    with open(OUT.parent / "mujoco.csv", "w", newline="") as f:
+    fig.savefig(out_dir.parent / "mujoco.png", dpi=110)
+    with open(out_dir.parent / "mujoco.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(summary[0]))
         w.writeheader()
         w.writerows(summary)
@@ -219,7 +218,7 @@ def plot():
             f"{r['best_mean']} | {r['auc_mean']} | {r['drop_from_best']} | {r['wall_min']} |"
         )
     grads = defaultdict(list)
-    for path in sorted(OUT.glob("*_grads.csv")):
+    for path in sorted(out_dir.glob("*_grads.csv")):
         env, variant, _ = path.stem[: -len("_grads")].rsplit("_", 2)
         grads[env, variant].append(read(path))
     if grads:
@@ -247,8 +246,8 @@ def plot():
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(OUT.parent / "mujoco_grads.png", dpi=110)
-    print(f"wrote {OUT.parent / 'mujoco.csv'}, mujoco.png" + (", mujoco_grads.png" if grads else ""))
+        fig.savefig(out_dir.parent / "mujoco_grads.png", dpi=110)
+    print(f"wrote {out_dir.parent / 'mujoco.csv'}, mujoco.png" + (", mujoco_grads.png" if grads else ""))
 
 
 if __name__ == "__main__":
@@ -265,4 +264,4 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    plot() if a.plot else run(a, extra)
+    plot(Path(a.out_dir)) if a.plot else run(a, extra, Path(a.out_dir))
