@@ -361,11 +361,12 @@ class FlowNoisePolicy(nn.Module):
         return x - v / self.K, bounded_sigma(u, self.sigma_min, self.sigma_max)
 
     @torch.no_grad()
-    def sample(self, obs, stochastic=True):
-        """-> chain (B,K+1,H,A), μ and σ (B,K,H,A); deterministic = the plain Euler ODE (evaluation)."""
+    def sample(self, obs, stochastic=True, generator=None):
+        """-> chain (B,K+1,H,A), μ and σ (B,K,H,A); deterministic = the plain Euler ODE (evaluation); x_0 from
+        `generator` if given."""
         o = self.normalize(obs)
         t = time_grid(self.K, obs.device)
-        x = torch.randn(obs.shape[0], self.H, self.A, device=obs.device)
+        x = torch.randn(obs.shape[0], self.H, self.A, device=obs.device, generator=generator)
         chain, mus, sigmas = [x], [], []
         for k in range(self.K):
             mu, sigma = self.step_gaussian(x, t[k].expand(x.shape[0]), o)
@@ -680,14 +681,17 @@ def evaluate(policy, envs: VecEnv, n_episodes: int, C: int, seed: int):
     """Noiseless chains, no partial resets: rounds of N full episodes until each task has n_episodes; env i of
     the round that starts at episode j resets with seed + j + i, so with one task episode i starts from the
     reset with seed + i whatever N is (every script evaluates on the same initial states). Returns the
-    task-averaged means and, with several tasks, "{task}/{metric}" too."""
+    task-averaged means and, with several tasks, "{task}/{metric}" too. x_0 comes from a generator seeded with
+    seed, so a checkpoint's --evaluate repeats the number its run logged and evaluating leaves training's RNG
+    alone."""
     rows = []  # (task, return, success_once, success_at_end)
+    gen = torch.Generator(policy.obs_mean.device).manual_seed(seed)
     while min(sum(row[0] == k for row in rows) for k in range(len(envs.tasks))) < n_episodes:
         obs = envs.reset(seed=[seed + len(rows) + i for i in range(len(envs.task_of_env))])
         ep = new_episodes(obs.shape[0], obs.device)
         alive = torch.ones_like(ep["success_once"])
         while alive.any():
-            x = policy.sample(obs, stochastic=False)[0][:, -1]
+            x = policy.sample(obs, stochastic=False, generator=gen)[0][:, -1]
             obs = step_chunk(envs, policy.to_env(x[:, :C]), alive, ep)[0]
         rows += list(zip(envs.task_of_env, *(ep[k].tolist() for k in ep), strict=True))
     per_task = {}

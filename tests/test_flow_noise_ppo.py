@@ -193,7 +193,9 @@ class SeedEchoEnvs:
 
 
 class ZeroPolicy:
-    def sample(self, obs, stochastic=True):
+    obs_mean = torch.zeros(1)
+
+    def sample(self, obs, stochastic=True, generator=None):
         return (torch.zeros(len(obs), K + 1, H, A),)
 
     def to_env(self, x):
@@ -206,6 +208,15 @@ def test_evaluation_episode_i_starts_from_the_reset_seeded_seed_plus_i(n):
     script's --evaluate with one --seed plays the same initial states."""
     stats = fnp.evaluate(ZeroPolicy(), SeedEchoEnvs(n), 5, C, 10_005)
     assert stats["return"] == np.mean([10_005 + i for i in range(5)])
+
+
+def test_evaluation_noise_has_its_own_generator():
+    """x_0 of the evaluation chains comes from a generator seeded with the evaluation seed: evaluating leaves
+    the global torch RNG (training's) where it was, so a checkpoint's --evaluate repeats its run's number."""
+    policy = fnp.FlowNoisePolicy(1, A, H, K, 0.08, 0.16)
+    rng = torch.get_rng_state()
+    fnp.evaluate(policy, SeedEchoEnvs(2), 3, C, 10_005)
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_gae_matches_a_direct_sum():
