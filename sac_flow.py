@@ -527,7 +527,9 @@ def evaluate(policy, envs, n_episodes, device, seed, episodes=None):
     results, trajs = [], []  # (return, success_once, success_at_end) and (obs, actions, return) per episode
     gen = torch.Generator().manual_seed(seed)  # x_0 from its own stream: --evaluate repeats the logged number
     while len(results) < n_episodes:
-        obs, _ = envs.reset(seed=seed + len(results))
+        # one seed per env: episode i starts from reset(seed + i) on either vector env (ManiSkill's batched
+        # reset derives envs 1..n-1 from an integer seed otherwise)
+        obs, _ = envs.reset(seed=[seed + len(results) + j for j in range(envs.num_envs)])
         n = len(np_(obs))
         ret, done, s_once, s_end = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
         steps = [([], []) for _ in range(n)]

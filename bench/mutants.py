@@ -58,6 +58,7 @@ MUTANTS: list[Mutant] = [
     Mutant("reinflow", "resume without the reward scaler's statistics", 'scaler.mean, scaler.var, scaler.count = ckpt["reward_scaler"]', "pass", "exact_resume"),
     Mutant("reinflow", "count flags accepted one below their lowest value", "        if getattr(args, name) < low:", "        if getattr(args, name) < low - 1:", "bad_inputs"),
     Mutant("reinflow", "--save-demos episode_ends one step long per episode", "ends, returns = np.cumsum([len(o) for o in obs]), np.array(returns)", "ends, returns = np.cumsum([len(o) + 1 for o in obs]), np.array(returns)", "smoke_mujoco"),
+    Mutant("reinflow", "evaluation rounds all reset with the same seeds", "        obs = reset_all(envs, seed + len(episodes))", "        obs = reset_all(envs, seed)", "evaluation_episode"),
     # flow_noise_ppo
     Mutant("flow_noise_ppo", "sampler adds sigma^2 eps instead of sigma eps", "x = mu + sigma * torch.randn_like(mu) if stochastic else mu", "x = mu + sigma**2 * torch.randn_like(mu) if stochastic else mu", "sampler_draws"),
     Mutant("flow_noise_ppo", "scorer: chain_gaussians returns sigma^2 for sigma", "return mu.view(B, K, self.H, self.A), sigma.view(B, K, self.H, self.A)", "return mu.view(B, K, self.H, self.A), sigma.view(B, K, self.H, self.A) ** 2", "sampler_draws"),
@@ -72,6 +73,8 @@ MUTANTS: list[Mutant] = [
     Mutant("flow_noise_ppo", "training envs not reset after a checkpoint", "            checkpoint(\"ckpt.pt\", iteration)\n            obs = envs.reset(seed=args.seed + global_step)\n", "            checkpoint(\"ckpt.pt\", iteration)\n", "same_seed"),
     Mutant("flow_noise_ppo", "resume does not restore the torch RNG state", "        torch.set_rng_state(rng[\"torch\"])\n", "", "same_seed"),
     Mutant("flow_noise_ppo", "demo chunks past an episode's end wrap to its start instead of repeating the last action", "idx = np.minimum(np.arange(len(a))[:, None] + np.arange(H)[None], len(a) - 1)", "idx = (np.arange(len(a))[:, None] + np.arange(H)[None]) % len(a)", "task_token_layout"),
+    Mutant("flow_noise_ppo", "evaluation rounds all reset with the same seeds", "envs.reset(seed=[seed + len(rows) + i for i in range(len(envs.task_of_env))])", "envs.reset(seed=[seed + i for i in range(len(envs.task_of_env))])", "evaluation_episode"),
+    Mutant("flow_noise_ppo", "evaluation x_0 from the global torch RNG", "x = policy.sample(obs, stochastic=False, generator=gen)[0][:, -1]", "x = policy.sample(obs, stochastic=False)[0][:, -1]", "evaluation_noise"),
     # flow_sde_ppo
     Mutant("flow_sde_ppo", "Agent.sample adds std^2 eps (the scorer scores std eps)", "            x = mu + std * randn() if k in stochastic else mu", "            x = mu + std**2 * randn() if k in stochastic else mu", "sampler_and_scorer"),
     Mutant("flow_sde_ppo", "sum instead of mean over the stochastic steps (--sde-steps all)", "    logp = logp[:, :, :C].mean(1)", "    logp = logp[:, :, :C].sum(1)", "sde_steps_all"),
@@ -83,6 +86,7 @@ MUTANTS: list[Mutant] = [
     Mutant("flow_sde_ppo", "GAE bootstraps across episode ends", "        delta = rewards[t] + gamma * nxt * (1 - dones[t]) - values[t]", "        delta = rewards[t] + gamma * nxt - values[t]", "gae"),
     Mutant("flow_sde_ppo", "RNG states not restored on resume", '        restore_rng(ckpt["rng"], kstar_rng)', "        pass", "resumed_run"),
     Mutant("flow_sde_ppo", "training envs not reset after a checkpoint", "            next_obs, _ = envs.reset(seed=args.seed + global_step)  # what a resume from here does too", "            pass", "resumed_run"),
+    Mutant("flow_sde_ppo", "evaluation rounds all reset with the same seeds", "envs.reset(seed=[seed + len(episodes) + i for i in range(envs.num_envs)])", "envs.reset(seed=[seed + i for i in range(envs.num_envs)])", "evaluation_episode"),
     # rl_cotrain
     Mutant("rl_cotrain", "sampler adds sigma^2 * eps", "a = mu + policy.sigma(o_n, a, tau) * torch.randn(", "a = mu + policy.sigma(o_n, a, tau) ** 2 * torch.randn(", "sampler_draws"),
     Mutant("rl_cotrain", "scorer uses sigma^2 for sigma", "return mu.view(B, K, A), policy.sigma(o_n, a_k, tau).view(B, K, A)", "return mu.view(B, K, A), (policy.sigma(o_n, a_k, tau) ** 2).view(B, K, A)", "sampler_draws"),
