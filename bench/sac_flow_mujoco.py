@@ -258,9 +258,8 @@ if __name__ == "__main__":
     ap.add_argument("--total-timesteps", type=int, default=100_000)
     ap.add_argument("--eval-freq", type=int, default=5_000)
     ap.add_argument("--eval-episodes", type=int, default=10)
-    ap.add_argument(
-        "--plot", action="store_true", help="only summarise results/sac_flow/mujoco/ (csv, table, plots)"
-    )
+    ap.add_argument("--out-dir", default=str(ROOT / "results" / "sac_flow" / "mujoco"), help="per-run csvs")
+    ap.add_argument("--plot", action="store_true", help="only summarise --out-dir (csv, table, plots)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
