@@ -23,21 +23,23 @@ Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
     a^{k+1} = a^k + v_theta(o, a^k, tau_k) dt + sigma_phi(o, a^k, tau_k) eps_k,   eps_k ~ N(0, I),
     action = clip(a^K, -1, 1).  Deterministic evaluation uses sigma = 0 (the plain flow ODE).
-Chain log-likelihood (a^0's density does not depend on theta, so it cancels in PPO ratios):
-    log pi(a^{0:K} | o) = sum_k log N(a^{k+1}; a^k + v_theta(o, a^k, tau_k) dt, sigma_phi(o, a^k, tau_k)^2)
+Chain log-likelihood per action dim a, averaged over its K+1 terms as in flow_noise_ppo (a^0's term does not
+depend on theta, so it cancels in PPO ratios and is left out):
+    l_a = 1/(K+1) sum_k log N(a^{k+1}_a; a^k + v_theta(o, a^k, tau_k) dt, sigma_phi(o, a^k, tau_k)^2)_a
 Supervised flow-matching loss on demos (a, o), with tau ~ U(0, 1), eps ~ N(0, I):
     a_tau = (1 - tau) eps + tau a,    L_SFT = E || v_theta(o, a_tau, tau) - (a - eps) ||^2
 Stage I (all modes):  min_theta  L_SFT on D_mix, D_mix = sim-ratio * D_sim + (1 - sim-ratio) * D_real
     (real-only: sim-ratio = 0).
-Stage II (rl-co, rl-sim-only), PPO in sim with r = exp(log pi_new(chain) - log pi_old(chain)):
-    L_RL = -E min(r A, clip(r, 1 - eps_c, 1 + eps_c) A) + c_v E (V(o) - R)^2,   A by GAE(gamma, lambda)
+Stage II (rl-co, rl-sim-only), PPO in sim with one ratio per action dim, r_a = exp(l_a - l_a^old)
+(--logprob-type token; chunk: one ratio r = exp(sum_a (l_a - l_a^old)) per action):
+    L_RL = -E_a min(r_a A, clip(r_a, 1 - eps_c, 1 + eps_c) A) + c_v E (V(o) - R)^2,   A by GAE(gamma, lambda)
     L    = L_RL(sim) + beta * L_SFT(real)          (rl-sim-only: beta = 0)
 on the reward r'_t = d_t - d_{t-1} (d: ManiSkill's normalized dense reward, d_{-1} = 0; RLinf's
 relative reward, --relative-reward), whose episode sum is the last step's d: 1 at success, where the
 episode terminates and its return is cut. On d itself a cut return values success (d = 1 once) below
-hovering near the goal (d ~ 0.6 per step to the time limit): the trap sac_flow escapes by bootstrapping
-through success. PPO recipe from flow_noise_ppo (where it raised PickCube success): sigma in [0.02, 0.04],
-lr 1e-5, 10k env steps per update in 10 minibatches.
+hovering near the goal (d ~ 0.55 per step 3 cm above it, to the time limit): the trap sac_flow escapes
+by bootstrapping through success. PPO recipe from flow_noise_ppo (where it raised PickCube success):
+sigma in [0.02, 0.04], lr 1e-5, 10k env steps per update in 10 minibatches, per-dim ratios.
 
 Modes: real-only (Stage I on real), sft-cotrain (Stage I on the mixture), rl-co (Stage I + II),
 rl-sim-only (Stage I + II without the real anchor).
@@ -130,6 +132,8 @@ class Args:
     """lower bound of the learned per-step noise std"""
     sigma_max: float = 0.04
     """upper bound of the learned per-step noise std"""
+    logprob_type: Literal["token", "chunk"] = "token"
+    """PPO ratio per action dim or per action (the sum over dims), as in flow_noise_ppo"""
 
     # Sim demos and Stage I (SFT)
     demo_path: str | None = None
@@ -216,10 +220,13 @@ def chain_gaussians(policy, o, chain) -> tuple[torch.Tensor, torch.Tensor]:
     return mu.view(B, K, A), policy.sigma(o_n, a_k, tau).view(B, K, A)
 
 
-def chain_log_prob(policy, o, chain) -> torch.Tensor:
-    """log pi(a^{0:K} | o) = sum_k log N(a^{k+1}; mu_k, sigma_k^2), shape (B,)."""
+def chain_log_prob(policy, o, chain, logprob_type: str = "chunk") -> torch.Tensor:
+    """flow_noise_ppo's log-likelihoods of stored chains, each averaged over the chain's K + 1 terms (a^0's
+    term cancels in ratios). token: l_a = 1/(K+1) sum_k log N(a^{k+1}_a; mu_k, sigma_k^2) per action dim,
+    (B, A); chunk: sum_a l_a = log pi(a^{0:K} | o) / (K+1), (B,)."""
     mu, sigma = chain_gaussians(policy, o, chain)
-    return torch.distributions.Normal(mu, sigma).log_prob(chain[:, 1:]).sum(-1).sum(-1)
+    ell = torch.distributions.Normal(mu, sigma).log_prob(chain[:, 1:]).sum(1) / chain.shape[1]
+    return ell if logprob_type == "token" else ell.sum(-1)
 
 
 def flow_matching_loss(policy, o, a, tau=None, eps=None) -> torch.Tensor:
@@ -231,7 +238,9 @@ def flow_matching_loss(policy, o, a, tau=None, eps=None) -> torch.Tensor:
 
 
 def ppo_policy_loss(new_logp, old_logp, adv, clip_coef) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped surrogate -E min(r A, clip(r) A) and the approximate KL E[(r - 1) - log r]."""
+    """Clipped surrogate -E min(r A, clip(r) A) and the approximate KL E[(r - 1) - log r]; token log-probs
+    (B, A) give one ratio per action dim, sharing their sample's A."""
+    adv = adv[:, None] if new_logp.dim() == 2 else adv
     log_ratio = new_logp - old_logp
     ratio = log_ratio.exp()
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
@@ -277,8 +286,8 @@ class FlowNoisePolicy(nn.Module):
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
 
-    def norm(self, o):
-        return (o - self.obs_mean) / self.obs_std
+    def norm(self, o):  # clipped as in flow_noise_ppo: features the demos hold constant vary on-policy
+        return ((o - self.obs_mean) / self.obs_std).clamp(-10, 10)
 
     def velocity(self, o_n, a, tau):
         return self.v(torch.cat([o_n, a, tau], -1))
@@ -800,7 +809,7 @@ def main(args: Args):
     if ckpt is None:
         all_o = real_o if sim_o is None else torch.cat([sim_o, real_o])
         policy.obs_mean.copy_(all_o.mean(0))
-        policy.obs_std.copy_(all_o.std(0).clamp_min(1e-3))  # constant features (e.g. zero qvel) stay finite
+        policy.obs_std.copy_(all_o.std(0).clamp_min(1e-2))  # constant features (e.g. zero qvel) stay finite
         sft_opt = torch.optim.Adam(policy.v.parameters(), lr=args.sft_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(sft_opt, max(args.sft_steps, 1))
         t0 = time.time()
@@ -827,7 +836,8 @@ def main(args: Args):
     eval_iters = max(1, round(args.eval_freq / args.batch_size))
     obs_b = torch.zeros(T, N, obs_dim, device=device)
     chain_b = torch.zeros(T, N, K + 1, act_dim, device=device)
-    logp_b, rew_b, done_b, val_b = (torch.zeros(T, N, device=device) for _ in range(4))
+    rew_b, done_b, val_b = (torch.zeros(T, N, device=device) for _ in range(3))
+    logp_b = torch.zeros((T, N, act_dim) if args.logprob_type == "token" else (T, N), device=device)
     ep_return, ep_success = torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device)
     # exact resume: the random state of the checkpoint, whatever building the envs drew
     set_rng_states(rng_at_ckpt)
@@ -839,7 +849,7 @@ def main(args: Args):
             obs_b[t] = next_obs
             with torch.no_grad():
                 chain = sample_chain(policy, next_obs)
-                logp_b[t] = chain_log_prob(policy, next_obs, chain)
+                logp_b[t] = chain_log_prob(policy, next_obs, chain, args.logprob_type)
                 val_b[t] = critic(next_obs).squeeze(-1)
             chain_b[t] = chain
             obs, r, term, trunc, success = envs.step(chain[:, -1].clamp(-1, 1))
@@ -862,7 +872,7 @@ def main(args: Args):
         adv_b, ret_b = gae(rew_b, val_b, done_b, next_value, args.gamma, args.gae_lambda)
 
         b_obs, b_chain = obs_b.reshape(-1, obs_dim), chain_b.reshape(-1, K + 1, act_dim)
-        b_logp, b_adv, b_ret = logp_b.reshape(-1), adv_b.reshape(-1), ret_b.reshape(-1)
+        b_logp, b_adv, b_ret = logp_b.flatten(0, 1), adv_b.reshape(-1), ret_b.reshape(-1)
         actor_on = iteration > args.critic_warmup_iters
         for _epoch in range(args.update_epochs):
             for mb in torch.randperm(args.batch_size, device=device).tensor_split(args.num_minibatches):
@@ -874,7 +884,7 @@ def main(args: Args):
                 if not actor_on:
                     continue
                 adv = (b_adv[mb] - b_adv[mb].mean()) / (b_adv[mb].std() + 1e-8)
-                new_logp = chain_log_prob(policy, b_obs[mb], b_chain[mb])
+                new_logp = chain_log_prob(policy, b_obs[mb], b_chain[mb], args.logprob_type)
                 pg_loss, approx_kl = ppo_policy_loss(new_logp, b_logp[mb], adv, args.clip_coef)
                 sft_loss = torch.zeros((), device=device)
                 if beta > 0:

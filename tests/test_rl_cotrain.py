@@ -30,17 +30,22 @@ def tiny_policy(seed=0, K=3, sigma_max=0.3):
 def test_chain_log_prob_matches_step_by_step_gaussians():
     policy, o = tiny_policy(), torch.randn(5, 6)
     chain = rc.sample_chain(policy, o)
-    expected = torch.zeros(5)
+    expected = torch.zeros(5, 2)
     for k in range(3):
         tau = torch.full((5, 1), k / 3)
         mu = chain[:, k] + policy.velocity(policy.norm(o), chain[:, k], tau) / 3
         sigma = policy.sigma(policy.norm(o), chain[:, k], tau)
-        expected += torch.distributions.Normal(mu, sigma).log_prob(chain[:, k + 1]).sum(-1)
-    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain), expected)
+        expected += torch.distributions.Normal(mu, sigma).log_prob(chain[:, k + 1])
+    # flow_noise_ppo's log-likelihoods: per action dim (token) and per action (chunk), over K + 1 = 4 terms
+    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "token"), expected / 4)
+    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "chunk"), expected.sum(-1) / 4)
     # deterministic sampling is the noiseless Euler flow: the same generator seed, the same chain
     c1 = rc.sample_chain(policy, o, deterministic=True, generator=torch.Generator().manual_seed(3))
     c2 = rc.sample_chain(policy, o, deterministic=True, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(c1, c2)
+    # normalised observations are clipped: a feature the demos held constant must not blow up the velocity
+    policy.obs_std.fill_(1e-3)
+    assert policy.norm(torch.full((1, 6), 5.0)).abs().max().item() == 10.0
 
 
 def test_sampler_draws_the_chains_that_chain_log_prob_scores():
@@ -119,6 +124,12 @@ def test_ppo_policy_loss_and_gae_by_hand():
     assert kl.item() == pytest.approx(((ratio - 1) - ratio.log()).mean().item())
     loss.backward()  # raising log pi where A > 0 lowers the loss; the clipped sample gets no gradient
     torch.testing.assert_close(new_logp.grad, torch.tensor([0.0, -0.5, 1.1, 0.9]) / 4)
+    # token log-probs (B, A): one ratio per action dim, each clipped alone, all sharing their sample's A
+    new_logp = ratio.log().view(2, 2).requires_grad_()
+    loss, kl = rc.ppo_policy_loss(new_logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), clip_coef=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.9) / 4)
+    loss.backward()
+    torch.testing.assert_close(new_logp.grad, torch.tensor([[0.0, -0.5], [1.1, 0.9]]) / 4)
     # gae(rewards, values, dones, next_value, gamma, gae_lambda): an episode ends at t = 1
     rewards, values = torch.tensor([[1.0], [2.0], [3.0]]), torch.full((3, 1), 0.5)
     adv, ret = rc.gae(rewards, values, torch.tensor([[0.0], [1.0], [0.0]]), torch.tensor([10.0]), 0.9, 0.8)
