@@ -89,8 +89,8 @@ class Args:
     env_id: str = "PickCube-v1"
     """the ManiSkill task id (PickCube-v1, PushCube-v1 or StackCube-v1: the tasks with a scripted expert)"""
     relative_reward: bool = True
-    """if toggled, Stage II trains on r_t - r_{t-1} (r_{-1} = 0) of the normalized dense reward, RLinf's
-    use_rel_reward: its episode sum is the last step's reward (1 at success): hovering near success earns 0"""
+    """Stage II trains on r_t - r_{t-1} (r_{-1} = 0) of the normalized dense reward, RLinf's use_rel_reward:
+    its episode sum is the last step's reward (1 at success): hovering near success earns 0 (--no-...: r_t)"""
     max_episode_steps: int = 100
     """episode length (motion-planned PickCube demos are 49-99 steps)"""
     num_envs: int = 2
