@@ -10,9 +10,10 @@ the paper's claim is that the naive flow's gradients explode or vanish through t
 and Flow-T's do not.
 
   OMP_NUM_THREADS=1 python bench/sac_flow_mujoco.py --variant g --env-id Hopper-v5 --seed 1   # one run
-  python bench/sac_flow_mujoco.py --plot      # results/sac_flow/mujoco.csv, mujoco.png, mujoco_grads.png
+  python bench/sac_flow_mujoco.py --plot   # results/sac_flow/mujoco.csv, mujoco.png, mujoco_diagnostics.png
 Extra sac_flow flags go after `--` (... --seed 1 -- --utd 1). A run writes its eval.csv and gradient norms to
-results/sac_flow/mujoco/<env>_<variant>_s<seed>.csv and ..._grads.csv; its run directory stays under runs/.
+results/sac_flow/mujoco/<env>_<variant>_s<seed>.csv, ..._grads.csv and ..._train.csv (α, log π, critic loss);
+its run directory stays under runs/.
 """
 
 import argparse
@@ -133,6 +134,7 @@ def run(a, extra, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     name = out_dir / f"{a.env_id}_{a.variant}_s{a.seed}"
     shutil.copy(f"{run_dir}/eval.csv", f"{name}.csv")
+    write_train_scalars(run_dir, f"{name}_train.csv")
     if a.variant != "gaussian":
         keys = sorted({k for r in rows for k in r} - {"step"})
         with open(f"{name}_grads.csv", "w", newline="") as f:
@@ -140,6 +142,20 @@ def run(a, extra, out_dir):
             w.writeheader()
             w.writerows(rows)
     print(f"wrote {name}.csv" + ("" if a.variant == "gaussian" else f" and {name}_grads.csv"))
+
+
+def write_train_scalars(run_dir, path):
+    """α, log π and the critic loss the run logged to TensorBoard (every 1000 env steps) as a csv."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = ["losses/alpha", "losses/log_pi", "losses/qf_loss"]
+    columns = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "alpha", "log_pi", "qf_loss"])
+        w.writerows([step, *(columns[t].get(step, "") for t in tags)] for step in sorted(columns[tags[0]]))
 
 
 def read(path):
@@ -155,7 +171,7 @@ def plot(out_dir):
 
     runs = defaultdict(list)  # (env, variant) -> eval columns of each seed
     for path in sorted(out_dir.glob("*_s*.csv")):
-        if not path.stem.endswith("_grads"):
+        if not path.stem.endswith(("_grads", "_train")):
             env, variant, _ = path.stem.rsplit("_", 2)
             runs[env, variant].append(read(path))
     envs = sorted({e for e, _ in runs})
@@ -217,37 +233,45 @@ def plot(out_dir):
             f"| {r['final_mean']} ± {r['final_std']} | "
             f"{r['best_mean']} | {r['auc_mean']} | {r['drop_from_best']} | {r['wall_min']} |"
         )
-    grads = defaultdict(list)
-    for path in sorted(out_dir.glob("*_grads.csv")):
-        env, variant, _ = path.stem[: -len("_grads")].rsplit("_", 2)
-        grads[env, variant].append(read(path))
-    if grads:
-        fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 3.8), squeeze=False)
-        for j, env in enumerate(envs):
-            ax = axes[0][j]
-            for variant in VARIANTS[1:]:
-                ks = sorted(
-                    {int(c[5:]) for g in grads.get((env, variant), []) for c in g if c.startswith("dL_dx")}
-                )
-                cols = [f"dL_dx{k}" for k in ks]
-                for col, style in zip(cols[:1] + cols[-1:], ("-", "--"), strict=False):
-                    seeds = [g for g in grads.get((env, variant), []) if col in g]
-                    if seeds:
-                        n = min(len(g["step"]) for g in seeds)
+    diagnostics(out_dir, envs, plt)
+
+
+def diagnostics(out_dir, envs, plt):
+    """mujoco_diagnostics.png: per env, α and log π (every 1000 steps) and the flows' ‖∂L/∂x_k‖ at the first
+    and last intermediate state (per evaluation interval), seed means."""
+    logs = defaultdict(list)  # (env, variant, kind) -> columns of each seed
+    for kind in ("train", "grads"):
+        for path in sorted(out_dir.glob(f"*_{kind}.csv")):
+            env, variant, _ = path.stem[: -len(kind) - 1].rsplit("_", 2)
+            logs[env, variant, kind].append(read(path))
+    panels = [("train", "alpha", "α (log scale)"), ("train", "log_pi", "log π of a sampled chain"),
+              ("grads", None, "‖∂L_π/∂x_k‖ per sample (log scale)")]  # fmt: skip
+    fig, axes = plt.subplots(len(panels), len(envs), figsize=(5.5 * len(envs), 10), squeeze=False)
+    for j, env in enumerate(envs):
+        for row, (kind, col, ylabel) in enumerate(panels):
+            ax = axes[row][j]
+            for variant in VARIANTS:
+                seeds = logs.get((env, variant, kind), [])
+                ks = sorted({int(c[5:]) for g in seeds for c in g if c.startswith("dL_dx")})
+                cols = [col] if col else [f"dL_dx{k}" for k in (ks[:1] + ks[-1:] if ks else [])]
+                for c, style in zip(cols, ("-", "--"), strict=False):
+                    n = min(len(g["step"]) for g in seeds) if seeds else 0
+                    if n:
+                        y = np.nanmean([g[c][:n] for g in seeds], 0)
                         ax.plot(
-                            seeds[0]["step"][1:n],
-                            np.nanmean([g[col][1:n] for g in seeds], 0),
-                            style,
-                            label=f"{variant}: ‖∂L/∂x_{col[-1]}‖",
+                            seeds[0]["step"][:n], y, style, label=variant + ("" if col else f" x_{c[5:]}")
                         )
             ax.set(
-                yscale="log", xlabel="environment steps", title=f"{env}: actor-loss gradient at flow states"
+                xlabel="environment steps",
+                ylabel=ylabel,
+                title=env,
+                yscale="linear" if col == "log_pi" else "log",
             )
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir.parent / "mujoco_grads.png", dpi=110)
-    print(f"wrote {out_dir.parent / 'mujoco.csv'}, mujoco.png" + (", mujoco_grads.png" if grads else ""))
+    fig.tight_layout()
+    fig.savefig(out_dir.parent / "mujoco_diagnostics.png", dpi=110)
+    print(f"wrote {out_dir.parent / 'mujoco.csv'}, mujoco.png, mujoco_diagnostics.png")
 
 
 if __name__ == "__main__":
