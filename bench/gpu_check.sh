@@ -33,7 +33,7 @@ declare -A CMD=(
   [reinflow]="reinflow.py $PPO --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
   [flow_noise_ppo]="flow_noise_ppo.py $PPO --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
   [flow_sde_ppo]="flow_sde_ppo.py $PPO --demo-path $DEMO --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
-  [rl_cotrain]="rl_cotrain.py $PPO --demo-path $DEMO --real-demos 4 --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
+  [rl_cotrain]="rl_cotrain.py $PPO --num-steps 40 --demo-path $DEMO --real-demos 4 --sft-steps 200 --total-timesteps 100000 --eval-freq 20000"
 )
 for s in sac_flow reinflow flow_noise_ppo flow_sde_ppo rl_cotrain; do
   log="$LOG_DIR/$s.log"

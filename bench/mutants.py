@@ -99,6 +99,13 @@ MUTANTS: list[Mutant] = [
     Mutant("rl_cotrain", "friction shift edits the scene's shared default material", "shape.set_physical_material(type(m)(fs, fd, m.restitution))", "m.static_friction, m.dynamic_friction = fs, fd", "shift_rules"),
     Mutant("rl_cotrain", "evaluation draws a^0 from the global RNG", "a = sample_chain(policy, o, deterministic=True, generator=generator)", "a = sample_chain(policy, o, deterministic=True)", "batched"),
     Mutant("rl_cotrain", "resume does not restore the RNG state", "    set_rng_states(rng_at_ckpt)\n", "    pass\n", "same_seed"),
+    Mutant("rl_cotrain", "relative reward carried across reset_done", "        self.prev_r[done] = 0.0\n", "", "relative_reward"),
+    Mutant("rl_cotrain", "training envs on the dense reward", "self.relative = args.relative_reward and not evaluation", "self.relative = False", "relative_reward"),
+    Mutant("rl_cotrain", "relative reward sign flipped", "r, self.prev_r = r - self.prev_r, r", "r, self.prev_r = self.prev_r - r, r", "relative_reward"),
+    Mutant("rl_cotrain", "sim expert demos collected under the real shift", 'sim_demos = collect_demos(eval_envs, domains["sim"]', "sim_demos = collect_demos(eval_envs, real_shift", "same_seed"),
+    Mutant("rl_cotrain", "token ratios: advantage not broadcast per sample", "adv = adv[:, None] if new_logp.dim() == 2 else adv", "adv = adv", "ppo_policy_loss_and_gae"),
+    Mutant("rl_cotrain", "log-likelihood not averaged over the K+1 terms", "log_prob(chain[:, 1:]).sum(1) / chain.shape[1]", "log_prob(chain[:, 1:]).sum(1)", "chain_log_prob_matches"),
+    Mutant("rl_cotrain", "normalised observations not clipped", "return ((o - self.obs_mean) / self.obs_std).clamp(-10, 10)", "return (o - self.obs_mean) / self.obs_std", "chain_log_prob_matches"),
     # risk_pomdp
     Mutant("risk_pomdp", "emissions counted against the next hidden state", "N_O[b, h, s[:, :-1], o] += 1", "N_O[b, h, s[:, 1:], o] += 1", "hindsight"),
     Mutant("risk_pomdp", "an --out-dir that cannot be created raises instead of one error line", '        return f"--out-dir {args.out_dir!r} cannot be created ({e.strerror}); pass a writable directory"', "        raise", "out_dir or bad_input"),

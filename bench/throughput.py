@@ -74,7 +74,7 @@ EXTRA = {
     "reinflow": "--critic-warmup-iters 0",
     "flow_noise_ppo": "--critic-warmup-iters 0",
     "flow_sde_ppo": "--critic-warmup-iters 0",
-    "rl_cotrain": "--critic-warmup-iters 0 --real-demos 2",
+    "rl_cotrain": "--critic-warmup-iters 0 --real-demos 2 --num-steps 200",  # its earlier 400-step batches
 }
 SPS = re.compile(r"^step (\d+)/\d+ \| ([\d.]+) steps/s", re.M)
 
