@@ -23,7 +23,7 @@ with σ_θ(s) = exp(log σ_min + (log σ_max − log σ_min)(tanh(·) + 1)/2), l
            action-time token and one state token e_s, so each attention weight is a softmax over one key,
            = 1: SelfAttn(q) = W_sa q and CrossAttn(·, e_s) = e_s, with W_s absorbing the cross-attention's
            value and output maps. The code writes the block as these linear maps: the same function at
-           half nn.MultiheadAttention's cost (tests/test_sac_flow.py checks the equivalence).
+           about half nn.MultiheadAttention's cost (tests/test_sac_flow.py checks the equivalence).
 Log-likelihood of the sampled action (exact, because each step is Gaussian):
     log π(a|s) = log N(x_0; 0, I) + Σ_k log N(x_{k+1}; μ_k, σ² I) − Σ_i log(c_i (1 − tanh²(x_K,i)))
 (the official Flow-T code scores the velocity noise ε_k, which leaves out −log(Δt σ); we use the form above
@@ -620,7 +620,7 @@ def main(args: Args):
     qf_target.load_state_dict(qf.state_dict())
     log_alpha = torch.tensor(np.log(args.alpha_init), device=device, requires_grad=True)
     target_entropy = args.target_entropy if args.target_entropy is not None else -float(act_dim)
-    opts = {  # fused: one kernel for all tensors, not a Python loop over them (a third of a CPU update)
+    opts = {  # fused: one kernel for all tensors instead of a Python loop over them
         "actor": torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True),
         "q": torch.optim.Adam(qf.parameters(), lr=args.critic_learning_rate, fused=True),
         "alpha": torch.optim.Adam([log_alpha], lr=args.critic_learning_rate, fused=True),
@@ -701,22 +701,22 @@ def main(args: Args):
             y = soft_q_target(r, stop * d, args.gamma, *qf_target(s2, a2), logp2, alpha)
         q_loss = critic_loss(*qf(s, a), y)
         descend(opts["q"], q_loss)
-        if not actor:
-            target_update()
-            return dict(qf_loss=q_loss, alpha=alpha)
-        qf.requires_grad_(False)  # the actor loss needs dQ/da, not dQ/dθ_Q
-        n = len(s)  # one rollout for the SAC states and the demo states of the BC term
-        a_pi, logp = policy(s if bc_batch is None else torch.cat([s, bc_batch[0]]))
-        a_pi, logp, a_bc = a_pi[:n], logp[:n], a_pi[n:]
-        pi_loss = actor_loss(logp, *qf(s, a_pi), alpha)
-        if bc_batch is not None:
-            pi_loss = pi_loss + args.bc_coef * ((a_bc - bc_batch[1]) ** 2).sum(-1).mean()
-        descend(opts["actor"], pi_loss)
-        qf.requires_grad_(True)
-        a_loss = alpha_loss(log_alpha, logp, target_entropy)
-        descend(opts["alpha"], a_loss)
+        logs = dict(qf_loss=q_loss, alpha=alpha)
+        if actor:
+            qf.requires_grad_(False)  # the actor loss needs dQ/da, not dQ/dθ_Q
+            n = len(s)  # one rollout for the SAC states and the demo states of the BC term
+            a_pi, logp = policy(s if bc_batch is None else torch.cat([s, bc_batch[0]]))
+            a_pi, logp, a_bc = a_pi[:n], logp[:n], a_pi[n:]
+            pi_loss = actor_loss(logp, *qf(s, a_pi), alpha)
+            if bc_batch is not None:
+                pi_loss = pi_loss + args.bc_coef * ((a_bc - bc_batch[1]) ** 2).sum(-1).mean()
+            descend(opts["actor"], pi_loss)
+            qf.requires_grad_(True)
+            a_loss = alpha_loss(log_alpha, logp, target_entropy)
+            descend(opts["alpha"], a_loss)
+            logs |= dict(actor_loss=pi_loss, alpha_loss=a_loss, log_pi=logp.mean())
         target_update()
-        return dict(qf_loss=q_loss, actor_loss=pi_loss, alpha_loss=a_loss, alpha=alpha, log_pi=logp.mean())
+        return logs
 
     if demo_t is not None and ckpt is None:  # offline phase: flow matching for the actor, TD for the critic
         for i in range(args.sft_steps):
