@@ -220,7 +220,7 @@ def chain_gaussians(policy, o, chain) -> tuple[torch.Tensor, torch.Tensor]:
     return mu.view(B, K, A), policy.sigma(o_n, a_k, tau).view(B, K, A)
 
 
-def chain_log_prob(policy, o, chain, logprob_type: str = "chunk") -> torch.Tensor:
+def chain_log_prob(policy, o, chain, logprob_type: str) -> torch.Tensor:
     """flow_noise_ppo's log-likelihoods of stored chains, each averaged over the chain's K + 1 terms (a^0's
     term cancels in ratios). token: l_a = 1/(K+1) sum_k log N(a^{k+1}_a; mu_k, sigma_k^2) per action dim,
     (B, A); chunk: sum_a l_a = log pi(a^{0:K} | o) / (K+1), (B,)."""

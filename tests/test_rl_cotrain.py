@@ -77,10 +77,10 @@ def test_sampler_draws_the_chains_that_chain_log_prob_scores():
         with torch.no_grad():
             for p, d in zip(part.parameters(), u, strict=True):
                 p.add_(h * d)
-            plus = rc.chain_log_prob(p64, o64, chain64)
+            plus = rc.chain_log_prob(p64, o64, chain64, "chunk")
             for p, d in zip(part.parameters(), u, strict=True):
                 p.sub_(2 * h * d)
-            minus = rc.chain_log_prob(p64, o64, chain64)
+            minus = rc.chain_log_prob(p64, o64, chain64, "chunk")
             for p, d in zip(part.parameters(), u, strict=True):
                 p.add_(h * d)
         s = (plus - minus) / (2 * h)
@@ -91,7 +91,7 @@ def test_combined_loss_gradient_is_rl_plus_beta_sft():
     policy, beta = tiny_policy(), 0.37
     o = torch.randn(8, 6)
     chain = rc.sample_chain(policy, o)
-    old_logp = rc.chain_log_prob(policy, o, chain).detach() + 0.05 * torch.randn(8)
+    old_logp = rc.chain_log_prob(policy, o, chain, "chunk").detach() + 0.05 * torch.randn(8)
     adv = torch.randn(8)
     demo_o, demo_a = torch.randn(16, 6), torch.rand(16, 2) * 2 - 1
     tau, eps = torch.rand(16, 1), torch.randn(16, 2)
@@ -102,7 +102,7 @@ def test_combined_loss_gradient_is_rl_plus_beta_sft():
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
 
     def l_rl():
-        return rc.ppo_policy_loss(rc.chain_log_prob(policy, o, chain), old_logp, adv, 0.2)[0]
+        return rc.ppo_policy_loss(rc.chain_log_prob(policy, o, chain, "chunk"), old_logp, adv, 0.2)[0]
 
     def l_sft():
         return rc.flow_matching_loss(policy, demo_o, demo_a, tau, eps)
