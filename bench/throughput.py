@@ -3,6 +3,9 @@
 For each script x env, with the README's flags for that script (plus the bench's budget flags below):
   (a) env-only: random actions through the script's own vector env (its make_envs / VecEnv, same num_envs);
   (b) rollout: the script's policy (freshly initialised) and its chunk-stepping routine, no update;
+      b_env: env steps per second of the time (b) spends inside the vector env's step and reset, i.e. the
+      simulator under the policy's own actions; b / b_env is the share of (b) that is not the main process's
+      own work (inference, conversions, bookkeeping), 1 when the rollout waits only on the simulator;
   (c) full loop: the script's CLI for a short budget; steps/s as it prints them, the first progress line
       dropped when there are several (it holds the evaluation at step 0 or the warm-up);
   (d) ms per update = (1/c - 1/b) x env steps per update: the loop's time beyond the rollout, per update
@@ -113,14 +116,17 @@ def build_envs(S, args):
     return envs, envs.envs
 
 
-def timed(step_fn, seconds: float, warmup: int = 3) -> float:
-    """steps/s of step_fn() -> env steps taken, over `seconds` after `warmup` calls."""
+def timed(step_fn, seconds: float, warmup: int = 3, in_env: list | None = None) -> tuple[int, float]:
+    """(env steps, wall s) of step_fn() -> env steps taken, over `seconds` after `warmup` calls (in_env[0], a
+    clock that step_fn advances, is zeroed at the start)."""
     for _ in range(warmup):
         step_fn()
+    if in_env is not None:
+        in_env[0] = 0.0
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         n += step_fn()
-    return n / (time.perf_counter() - t0)
+    return n, time.perf_counter() - t0
 
 
 def env_only(S, args, seconds: float) -> float:
@@ -130,7 +136,7 @@ def env_only(S, args, seconds: float) -> float:
     space = raw.single_action_space
     N = args.num_envs
     rng = np.random.default_rng(0)
-    raw.reset(seed=1)
+    raw.reset(seed=[1 + i for i in range(N)])  # one seed per env: reinflow's VecEnv takes only a list
     autoreset = S.__name__ == "sac_flow"
 
     def step():
@@ -142,13 +148,15 @@ def env_only(S, args, seconds: float) -> float:
         return N
 
     try:
-        return timed(step, seconds)
+        n, wall = timed(step, seconds)
+        return n / wall
     finally:
         raw.close()
 
 
-def rollout(S, args, seconds: float) -> float:
-    """(b) The script's policy and critic inference and its stepping routine, as in main(), no update."""
+def rollout(S, args, seconds: float) -> tuple[float, float]:
+    """(b) The script's policy and critic inference and its stepping routine, as in main(), no update; and
+    (b_env) env steps per second spent inside the vector env's step/reset during (b)."""
     name, dev = S.__name__, torch.device("cpu")
     envs, raw = build_envs(S, args)
     space = raw.single_action_space
@@ -238,8 +246,24 @@ def rollout(S, args, seconds: float) -> float:
             st["obs"] = envs.reset_done(term | trunc, obs)
             return N
 
+    # time inside the gym vector env's step/reset (worker physics + pipes), to split (b) into the env under
+    # the policy's own actions and the main process's own work (inference, conversions, bookkeeping)
+    in_env = [0.0]
+
+    def clocked(fn):
+        def call(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                in_env[0] += time.perf_counter() - t0
+
+        return call
+
+    raw.step, raw.reset = clocked(raw.step), clocked(raw.reset)
     try:
-        return timed(step, seconds)
+        n, wall = timed(step, seconds, in_env=in_env)
+        return n / wall, n / in_env[0]
     finally:
         envs.close()
 
@@ -351,8 +375,11 @@ def main():
             print(f"== {script} {env}: {' '.join(cli_flags(script, env, o.demo_path, n))}", flush=True)
             a = env_only(S, args, o.seconds)
             print(f"   (a) env-only {a:.0f} steps/s", flush=True)
-            b = rollout(S, args, o.seconds)
-            print(f"   (b) rollout  {b:.0f} steps/s", flush=True)
+            b, b_env = rollout(S, args, o.seconds)
+            print(
+                f"   (b) rollout  {b:.0f} steps/s; the env alone under its actions {b_env:.0f} steps/s",
+                flush=True,
+            )
             c, lines, wall = full_loop(script, env, o.demo_path, n)
             print(
                 f"   (c) full loop {c:.0f} steps/s (progress lines {lines}; {wall:.0f} s with start-up)",
@@ -364,6 +391,8 @@ def main():
                              rollout_sps=f"{b:.1f}", full_loop_sps=f"{c:.1f}", ms_per_update=f"{ms:.1f}",
                              ms_per_update_profiled="", updates_per_env_step=f"{upd:.4g}",
                              rollout_over_env=f"{b / a:.3f}", full_over_env=f"{c / a:.3f}",
+                             env_in_rollout_sps=f"{b_env:.1f}",
+                             rollout_over_env_in_rollout=f"{b / b_env:.3f}",
                              flags=" ".join(cli_flags(script, env, "DEMO", n)), date=date,
                              commit=rev))  # fmt: skip
             if not o.no_profile:
