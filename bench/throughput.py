@@ -240,7 +240,7 @@ def rollout(S, args, seconds: float) -> tuple[float, float]:
         def step():
             with torch.no_grad():
                 chain = S.sample_chain(policy, st["obs"])
-                S.chain_log_prob(policy, st["obs"], chain)
+                S.chain_log_prob(policy, st["obs"], chain, args.logprob_type)
                 critic(st["obs"])
             obs, _, term, trunc, _ = envs.step(chain[:, -1].clamp(-1, 1))
             st["obs"] = envs.reset_done(term | trunc, obs)
@@ -339,6 +339,32 @@ def profile_main(S, script, env, demos, n, top=40) -> str:
     return buf.getvalue(), ms
 
 
+def write(rows, profiles, out):
+    """Merge the rows measured so far into `out` and the profile file: a subset replaces its own rows and
+    profile sections, the others stay. Called after every row, so a crash keeps what finished."""
+    order = {(s_, e): i for i, (s_, e) in enumerate((s_, e) for s_ in SCRIPTS for e in ENVS)}
+    done = {(r["script"], r["env"]) for r in rows}
+    merged = list(rows)
+    if os.path.exists(out):
+        with open(out) as f:
+            merged += [r for r in csv.DictReader(f) if (r["script"], r["env"]) not in done]
+    merged.sort(key=lambda r: order[(r["script"], r["env"])])
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), restval="", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(merged)
+    prof_path = Path(out).with_name("throughput_profile.txt")
+    profiles = dict(profiles)
+    if profiles and prof_path.exists():
+        for section in prof_path.read_text().split("\n==== ")[1:]:
+            key = tuple(section.split(":", 1)[0].split())
+            profiles.setdefault(key, "==== " + section.rstrip("\n") + "\n")
+    if profiles:
+        body = "\n".join(profiles[k] for k in sorted(profiles, key=order.get))
+        head = "bench/throughput.py: cProfile sections, top entries by cumulative time\n\n"
+        prof_path.write_text(head + body)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS)
@@ -407,28 +433,7 @@ def main():
                 print(
                     text[: text.find("\n\n", text.find("ncalls")) if "ncalls" in text else 2000], flush=True
                 )
-    # a subset replaces its own rows and profile sections; the others stay
-    fields = list(rows[0])
-    order = {(s_, e): i for i, (s_, e) in enumerate((s_, e) for s_ in SCRIPTS for e in ENVS)}
-    if os.path.exists(o.out):
-        with open(o.out) as f:
-            done = {(r["script"], r["env"]) for r in rows}
-            rows += [r for r in csv.DictReader(f) if (r["script"], r["env"]) not in done]
-    rows.sort(key=lambda r: order[(r["script"], r["env"])])
-    with open(o.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    prof_path = Path(o.out).with_name("throughput_profile.txt")
-    if profiles and prof_path.exists():
-        for section in prof_path.read_text().split("\n==== ")[1:]:
-            key = tuple(section.split(":", 1)[0].split())
-            profiles.setdefault(key, "==== " + section.rstrip("\n") + "\n")
-    if profiles:
-        body = "\n".join(profiles[k] for k in sorted(profiles, key=order.get))
-        prof_path.write_text(
-            "bench/throughput.py: cProfile sections, top entries by cumulative time\n\n" + body
-        )
+            write(rows, profiles, o.out)
     print(f"wrote {o.out}")
 
 
