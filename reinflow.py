@@ -3,6 +3,10 @@ through a learnable noise network (Zhang et al. 2025, "ReinFlow: Fine-tuning Flo
 Online Reinforcement Learning", Sec. 4 and App. B; official code github.com/ReinFlow/ReinFlow).
 
 A policy acts with chunks of Ta actions of dimension Da, flattened into a = x in R^D, D = Ta*Da, [-1, 1]^D.
+The env gets low + (x + 1)(high - low)/2 with [low, high] the demos' per-dimension range (kept in the
+checkpoint; the env's bounds without demos), as flow_noise_ppo and flow_sde_ppo: PickCube's motion-planned
+moves span +-0.4 of the env's +-1, and scaling by their range raised SFT success from 0.105 / 0.055 to 0.265 /
+0.180 (seeds 1 / 2, 200 episodes; results/benchmark/demo_scaling.md).
 
 SFT, 1-Rectified Flow (--flow reflow):
     x_0 ~ N(0, I),  x_1 = a (a demo chunk),  t ~ U(0, 1),  x_t = t x_1 + (1 - t) x_0
@@ -116,8 +120,8 @@ class Args:
     action_horizon: int = 4
     """Ta, actions per chunk (all are executed)"""
     sigma_min: float = 0.10
-    """lower bound of the exploration noise std (official MuJoCo value; keep it below the demos' action
-    scale: PickCube motion-planned demos move xyz by ~0.05, use 0.02 there)"""
+    """lower bound of the exploration noise std in [-1, 1] units (official MuJoCo value; keep it below the
+    demos' moves: PickCube's motion-planned xyz moves are ~0.05-0.2 of their range, use 0.02 there)"""
     sigma_max: float = 0.24
     """initial upper bound of the exploration noise std (PickCube: 0.05)"""
 
@@ -572,8 +576,7 @@ def eval_line(step, m):
 
 # ---------------------------------------------------------------- demonstrations and checkpoints
 def read_demos(path, env_id, control_mode, num_demos):
-    """Episodes [(obs (L, obs_dim), actions (L, act_dim))] of an h5 (actions already in [-1, 1]) or an npz
-    (env units); the second value says whether the actions still need scaling to [-1, 1]."""
+    """Episodes [(obs (L, obs_dim), actions (L, act_dim) in env units)] of a ManiSkill h5 or an npz."""
     if not os.path.exists(path):
         fail(f"--demo-path {path} not found (make it: bash make_demos.sh {env_id} 100 {control_mode})")
     if path.endswith(".npz"):
@@ -613,19 +616,19 @@ def read_demos(path, env_id, control_mode, num_demos):
         fail(f"--demo-path {path}: demos must be a ManiSkill .h5 (with .json) or an .npz")
     if not episodes[:num_demos]:
         fail(f"--demo-path {path} holds no episodes")
-    return episodes[:num_demos], path.endswith(".npz")
+    return episodes[:num_demos]
 
 
-def demo_chunks(episodes, scale, obs_dim, low, high, horizon, env_id):
-    """(s_t, a_t:t+Ta) pairs with actions in [-1, 1]; chunks running past the episode end repeat its last
-    action."""
+def demo_chunks(episodes, obs_dim, low, high, horizon, env_id):
+    """(s_t, a_t:t+Ta) pairs with actions mapped from [low, high] to [-1, 1]; chunks running past the episode
+    end repeat its last action."""
     o, a = episodes[0]
     if o.shape[1] != obs_dim or a.shape[1] != len(low):
         fail(f"demos have obs dim {o.shape[1]} and action dim {a.shape[1]}, but {env_id} has {obs_dim} and "
              f"{len(low)}: wrong env id, control mode or observation mode?")  # fmt: skip
     S, A = [], []
     for o, a in episodes:
-        a = np.clip((a - low) / (high - low) * 2 - 1 if scale else a, -1, 1).astype(np.float32)
+        a = np.clip((a - low) / (high - low) * 2 - 1, -1, 1).astype(np.float32)
         padded = np.concatenate([a, np.repeat(a[-1:], horizon - 1, 0)])
         idx = np.arange(len(a))[:, None] + np.arange(horizon)[None]
         S.append(o.astype(np.float32))
@@ -649,6 +652,8 @@ def load_checkpoint(path, args):
         fail(f"--checkpoint {path} is not a readable torch file ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("script") != "reinflow":
         fail(f"--checkpoint {path} was not written by reinflow.py")
+    if "act_low" not in ckpt:
+        fail(f"--checkpoint {path} has no action range (an older reinflow.py): make it again")
     for key in ("env_id", "flow", "action_horizon", "hidden_dim"):
         if ckpt["args"][key] != getattr(args, key):
             fail(f"--checkpoint {path} has {key}={ckpt['args'][key]}, this run has {getattr(args, key)}")
@@ -716,10 +721,15 @@ def main(args: Args):
         fail(f"{args.env_id} has action space {box}: only a bounded Box is supported")
     obs_dim, Da = obs_shape[0], box.shape[0]
     bounds = (box.low.astype(np.float32), box.high.astype(np.float32))
+    if demos is not None:
+        a = np.concatenate([a for _, a in demos]).astype(np.float32)
+        bounds = (a.min(0), np.maximum(a.max(0), a.min(0) + 1e-3))
+    elif ckpt is not None:
+        bounds = (ckpt["act_low"].numpy(), ckpt["act_high"].numpy())
     if ckpt is not None and ckpt["obs_mean"].shape[0] != obs_dim:
         fail(f"--checkpoint has obs dim {ckpt['obs_mean'].shape[0]}, {args.env_id} {obs_dim} (control mode?)")
     if demos is not None:
-        S, A = demo_chunks(*demos, obs_dim, *bounds, Ta, args.env_id)
+        S, A = demo_chunks(demos, obs_dim, *bounds, Ta, args.env_id)
 
     policy = FlowPolicy(obs_dim, Ta, Da, args.hidden_dim, args.flow == "shortcut").to(device)
     critic = Critic(obs_dim, args.hidden_dim).to(device)
@@ -769,7 +779,8 @@ def main(args: Args):
     print(f"run {run_dir} | env {args.env_id} ({backend}) | device {device}{demos_note}", flush=True)
 
     def checkpoint(path, phase, **extra):
-        stats = dict(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), args=vars(args))
+        stats = dict(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), args=vars(args),
+                     act_low=torch.as_tensor(bounds[0]), act_high=torch.as_tensor(bounds[1]))
         save_checkpoint(path, dict(phase=phase, policy=policy.state_dict(), **stats, **extra))
 
     # ALGO LOGIC: flow-matching behaviour cloning (SFT) with an EMA of the weights

@@ -444,6 +444,16 @@ def test_batched_path_on_cpu_sft_train_resume_evaluate(pickcube_demos, tmp_path,
     main(*pick, *ft, "--demo-path", str(pickcube_demos), "--total-timesteps", "192", "--exp-name", "first")
     run = next((tmp_path / "runs").glob("*__first__*"))
     assert {p.name for p in run.iterdir()} >= {"sft.pt", "ckpt.pt"}
+    # actions are scaled by the demos' range, which the checkpoint keeps: chunk -> env gives the demo back
+    episodes = rf.read_demos(str(pickcube_demos), "PickCube-v1", "pd_ee_delta_pos", None)
+    sft = torch.load(run / "sft.pt", weights_only=False)
+    low, high = sft["act_low"].numpy(), sft["act_high"].numpy()
+    raw = np.concatenate([a for _, a in episodes])
+    np.testing.assert_allclose((low, high), (raw.min(0), raw.max(0)))
+    _, chunks = rf.demo_chunks(episodes, 42, low, high, 4, "PickCube-v1")
+    assert chunks.min() == -1 and chunks.max() == 1
+    np.testing.assert_allclose(low + (chunks[: len(episodes[0][1]), :4] + 1) * (high - low) / 2,
+                               episodes[0][1], atol=1e-6)  # fmt: skip
     assert torch.load(run / "ckpt.pt", weights_only=False)["global_step"] == 192
     main(*pick, *ft, "--checkpoint", str(run / "ckpt.pt"), "--total-timesteps", "256", "--exp-name", "second")
     resumed = next((tmp_path / "runs").glob("*__second__*"))
