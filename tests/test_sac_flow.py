@@ -327,6 +327,11 @@ def test_pickcube_batched_path_trains_resumes_and_evaluates(pickcube_demos, tmp_
     assert re.search(banner, out, re.M), out
     assert "sft 20/20: flow-matching loss" in out and "success_once" in out
     ckpt = str(tmp_path / checkpoint_in(out))
+    with h5py.File(pickcube_demos) as f:  # a = c tanh(x_K) + b spans the demos' range, kept in the checkpoint
+        a = np.concatenate([f[k]["actions"][()] for k in f])
+    policy = torch.load(ckpt, weights_only=False)["policy"]
+    np.testing.assert_allclose(policy["b"] - policy["c"], a.min(0), atol=1e-6)
+    np.testing.assert_allclose(policy["b"] + policy["c"], a.max(0), atol=1e-6)
     out = run_main(tyro.cli(sac_flow.Args, args=[*batched, "--checkpoint", ckpt, "--total-timesteps", "200"]))
     assert f"resumed {ckpt} at step 100" in out and "eval step 200:" in out, out
     progress = r"^step 200/200 \| \d+ steps/s \| ETA 0m \| train episodes \(end at success\): return"
