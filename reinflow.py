@@ -722,8 +722,9 @@ def main(args: Args):
     obs_dim, Da = obs_shape[0], box.shape[0]
     bounds = (box.low.astype(np.float32), box.high.astype(np.float32))
     if demos is not None:
-        a = np.concatenate([a for _, a in demos]).astype(np.float32)
-        bounds = (a.min(0), np.maximum(a.max(0), a.min(0) + 1e-3))
+        acts = np.concatenate([a for _, a in demos]).astype(np.float32)
+        low = acts.min(0)
+        bounds = (low, np.maximum(acts.max(0), low + 1e-3))
     elif ckpt is not None:
         bounds = (ckpt["act_low"].numpy(), ckpt["act_high"].numpy())
     if ckpt is not None and ckpt["obs_mean"].shape[0] != obs_dim:

@@ -616,7 +616,8 @@ def main(args: Args):
              f"{demos['a'].shape[1]}; {args.env_id} needs {obs_dim} and {act_dim}")  # fmt: skip
     lo, hi = np.asarray(act_space.low, np.float32), np.asarray(act_space.high, np.float32)
     if demos is not None:  # the demos' range (every script): PickCube's planned moves span ±0.4 of the box
-        lo, hi = demos["a"].min(0), np.maximum(demos["a"].max(0), demos["a"].min(0) + 1e-3)
+        lo = demos["a"].min(0)
+        hi = np.maximum(demos["a"].max(0), lo + 1e-3)
     policy = FlowPolicy(obs_dim, act_dim, args.velocity, args.denoising_steps, args.hidden_dim,
                         args.transformer_dim, (hi - lo) / 2, (hi + lo) / 2, args.log_sigma_min,
                         args.log_sigma_max).to(device)  # fmt: skip
