@@ -619,21 +619,25 @@ def read_demos(path, env_id, control_mode, num_demos):
     return episodes[:num_demos]
 
 
-def demo_chunks(episodes, obs_dim, low, high, horizon, env_id):
-    """(s_t, a_t:t+Ta) pairs with actions mapped from [low, high] to [-1, 1]; chunks running past the episode
-    end repeat its last action."""
-    o, a = episodes[0]
-    if o.shape[1] != obs_dim or a.shape[1] != len(low):
-        fail(f"demos have obs dim {o.shape[1]} and action dim {a.shape[1]}, but {env_id} has {obs_dim} and "
-             f"{len(low)}: wrong env id, control mode or observation mode?")  # fmt: skip
+def demo_chunks(demos, obs_dim, act_dim, H):
+    """(observations, action chunks a_t:t+H flattened and padded with the episode's last action, in [-1, 1]
+    by the demos' own per-dimension range, and that range (low, high))."""
+    for i, (o, a) in enumerate(demos):
+        if o.shape[1] != obs_dim or a.shape[1] != act_dim:
+            fail(f"demo episode {i} has obs dim {o.shape[1]} and action dim {a.shape[1]}, but the env has "
+                 f"{obs_dim} and {act_dim}: wrong env id, control mode or observation mode?")  # fmt: skip
+    acts = np.concatenate([a for _, a in demos]).astype(np.float32)
+    # planned ee deltas are ~0.05 wide in the env's [-1, 1]: at that scale the K-step ODE can't resolve them
+    low = acts.min(0)
+    high = np.maximum(acts.max(0), low + 1e-3)
     S, A = [], []
-    for o, a in episodes:
+    for o, a in demos:
         a = np.clip((a - low) / (high - low) * 2 - 1, -1, 1).astype(np.float32)
-        padded = np.concatenate([a, np.repeat(a[-1:], horizon - 1, 0)])
-        idx = np.arange(len(a))[:, None] + np.arange(horizon)[None]
+        padded = np.concatenate([a, np.repeat(a[-1:], H - 1, 0)])
+        idx = np.arange(len(a))[:, None] + np.arange(H)[None]
         S.append(o.astype(np.float32))
         A.append(padded[idx].reshape(len(a), -1))
-    return np.concatenate(S), np.concatenate(A)
+    return np.concatenate(S), np.concatenate(A), low, high
 
 
 def save_checkpoint(path, state):
@@ -720,17 +724,13 @@ def main(args: Args):
     if not np.isfinite(box.low).all() or not np.isfinite(box.high).all():
         fail(f"{args.env_id} has action space {box}: only a bounded Box is supported")
     obs_dim, Da = obs_shape[0], box.shape[0]
-    bounds = (box.low.astype(np.float32), box.high.astype(np.float32))
-    if demos is not None:
-        acts = np.concatenate([a for _, a in demos]).astype(np.float32)
-        low = acts.min(0)
-        bounds = (low, np.maximum(acts.max(0), low + 1e-3))
-    elif ckpt is not None:
-        bounds = (ckpt["act_low"].numpy(), ckpt["act_high"].numpy())
     if ckpt is not None and ckpt["obs_mean"].shape[0] != obs_dim:
         fail(f"--checkpoint has obs dim {ckpt['obs_mean'].shape[0]}, {args.env_id} {obs_dim} (control mode?)")
+    bounds = (box.low.astype(np.float32), box.high.astype(np.float32))
     if demos is not None:
-        S, A = demo_chunks(demos, obs_dim, *bounds, Ta, args.env_id)
+        S, A, *bounds = demo_chunks(demos, obs_dim, Da, Ta)
+    elif ckpt is not None:
+        bounds = (ckpt["act_low"].numpy(), ckpt["act_high"].numpy())
 
     policy = FlowPolicy(obs_dim, Ta, Da, args.hidden_dim, args.flow == "shortcut").to(device)
     critic = Critic(obs_dim, args.hidden_dim).to(device)

@@ -450,7 +450,8 @@ def test_batched_path_on_cpu_sft_train_resume_evaluate(pickcube_demos, tmp_path,
     low, high = sft["act_low"].numpy(), sft["act_high"].numpy()
     raw = np.concatenate([a for _, a in episodes])
     np.testing.assert_allclose((low, high), (raw.min(0), raw.max(0)))
-    _, chunks = rf.demo_chunks(episodes, 42, low, high, 4, "PickCube-v1")
+    _, chunks, *range_ = rf.demo_chunks(episodes, 42, 4, 4)
+    np.testing.assert_array_equal(range_, (low, high))
     assert chunks.min() == -1 and chunks.max() == 1
     np.testing.assert_allclose(low + (chunks[: len(episodes[0][1]), :4] + 1) * (high - low) / 2,
                                episodes[0][1], atol=1e-6)  # fmt: skip
