@@ -41,7 +41,8 @@ summed (--logprob-type chunk, one ratio per chunk step) or kept per element (tok
 transition: one velocity forward per sample instead of K. --sde-steps all makes every step stochastic and
 averages the per-step log-probs over the stochastic steps (RLinf's joint mode).
 PPO: r = exp(log π_θ − log π_old), L_π = −E[min(r·Â, clip(r, 1 ± ε)·Â)], Â from GAE over chunk steps with
-the chunk's summed reward; value loss max(Huber(V − R), Huber(V_clip − R)); no entropy bonus.
+the chunk's summed reward (of r_t − r_{t−1} with --relative-reward, RLinf's use_rel_reward); value loss
+max(Huber(V − R), Huber(V_clip − R)); no entropy bonus.
 """
 
 import importlib.util
@@ -91,6 +92,9 @@ class Args:
     """ManiSkill controller; must match the demos'"""
     reward_mode: str = "sparse"
     """ManiSkill reward: sparse = 1 at success (πRL fine-tunes on task success) or normalized_dense"""
+    relative_reward: bool = False
+    """if toggled, the agent gets r_t - r_{t-1} (r_{-1} = 0), RLinf's use_rel_reward: with normalized_dense,
+    a shaping whose episode sum is the last step's reward (1 at success), so hovering near success earns 0"""
     max_episode_steps: int | None = None
     """episode length; None: 100 for ManiSkill (motion-planned PickCube demos take <= 99), else the env's"""
     num_envs: int = 2
@@ -510,25 +514,49 @@ def make_maniskill(args, num_envs, video_dir=None):
     return env
 
 
-def make_single_env(args, maniskill, video_dir=None):
+class RelativeReward(gym.Wrapper):
+    """r_t − r_{t−1}, with r_{−1} = 0 from every reset (--relative-reward). A batched ManiSkill env keeps one
+    r_{t−1} per env, and a partial reset (options env_idx) clears only those envs'."""
+
+    prev = 0.0
+
+    def reset(self, *, seed=None, options=None):
+        idx = (options or {}).get("env_idx")
+        if idx is not None and torch.is_tensor(self.prev):
+            self.prev[idx] = 0.0
+        else:
+            self.prev = 0.0
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        r, self.prev = r - self.prev, r.clone() if torch.is_tensor(r) else r
+        return obs, r, term, trunc, info
+
+
+def make_single_env(args, maniskill, video_dir=None, relative=False):
     """One env of gymnasium's AsyncVectorEnv (built in its worker process)."""
     if maniskill:
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-        return CPUGymWrapper(make_maniskill(args, 1, video_dir))
-    render_mode = "rgb_array" if video_dir else None
-    env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps, render_mode=render_mode)
-    return gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
+        env = CPUGymWrapper(make_maniskill(args, 1, video_dir))
+    else:
+        render_mode = "rgb_array" if video_dir else None
+        env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps, render_mode=render_mode)
+        env = gym.wrappers.RecordVideo(env, video_dir) if video_dir else env
+    return RelativeReward(env) if relative else env
 
 
-def make_envs(args, maniskill, num_envs, video_dir=None):
-    """num_envs envs that never autoreset: step_chunk resets the ones that ended, between chunks."""
+def make_envs(args, maniskill, num_envs, video_dir=None, relative=False):
+    """num_envs envs that never autoreset: step_chunk resets the ones that ended, between chunks.
+    relative: the training envs' --relative-reward (evaluation reports the env's own reward)."""
     if args.vector_env == "maniskill":
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-        return ManiSkillVectorEnv(make_maniskill(args, num_envs, video_dir), auto_reset=False)
+        env = make_maniskill(args, num_envs, video_dir)
+        return ManiSkillVectorEnv(RelativeReward(env) if relative else env, auto_reset=False)
     videos = [video_dir] + [None] * (num_envs - 1)  # the first env records
-    fns = [partial(make_single_env, args, maniskill, v) for v in videos]
+    fns = [partial(make_single_env, args, maniskill, v, relative) for v in videos]
     context = "spawn" if maniskill else "fork"  # fork hangs once SAPIEN is initialised
     return gym.vector.AsyncVectorEnv(fns, context=context, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
@@ -710,7 +738,10 @@ def main(args):
     if args.seed is None:
         args.seed = 1 if ckpt is None else ckpt["args"]["seed"]
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    envs = make_envs(args, maniskill, args.num_eval_envs if args.evaluate else args.num_envs)
+    if args.evaluate:
+        envs = make_envs(args, maniskill, args.num_eval_envs)
+    else:
+        envs = make_envs(args, maniskill, args.num_envs, relative=args.relative_reward)
     space, obs_shape = envs.single_action_space, envs.single_observation_space.shape
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1 or len(obs_shape) != 1:
         envs.close()

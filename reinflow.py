@@ -40,8 +40,8 @@ and scorer agree on it exactly (tests check the sampler against the scorer on th
 PPO, one ratio per chunk decision: r = exp(log pi_new - log pi_old),
     L_pi = E[ max(-A r, -A clip(r, 1 - eps, 1 + eps)) ] - c_H H + c_BC ||ODE_theta(s, 0) - ODE_ref(s, 0)||^2
     L_V  = 1/2 E[(V(s) - R)^2]
-with A from GAE(gamma, lambda) over chunk steps whose reward is the chunk's summed reward, scaled by a
-running std of discounted returns. sigma_max decays (hold, then cosine) as training goes on. The official
+with A from GAE(gamma, lambda) over chunk steps whose reward is the chunk's summed reward (of r_t - r_{t-1}
+with --relative-reward), scaled by a running std of discounted returns. sigma_max decays (hold, then cosine) as training goes on. The official
 code also clips the normalised log-probs to [-1, 1]; with a small sigma (PickCube) every log-prob exceeds 1
 and that clip zeroes the policy gradient, so there is none here.
 """
@@ -105,6 +105,9 @@ class Args:
     this process); maniskill: ManiSkill's batched env in ManiSkillVectorEnv, the GPU path (on physx_cpu it
     needs --num-envs 1 and is how the tests run the GPU code); auto: maniskill on physx_cuda, else gymnasium.
     ManiSkill episodes run to the time limit (success does not end them, as in ManiSkill's baselines)."""
+    relative_reward: bool = False
+    """if toggled, the agent gets r_t - r_{t-1} (r_{-1} = 0), RLinf's use_rel_reward: on ManiSkill's
+    normalized_dense reward a shaping whose episode sum is the last step's reward (1 at success)"""
     eval_freq: int = 10_000
     """evaluate (and checkpoint) every this many env steps (all envs together), rounded to whole iterations"""
     eval_episodes: int = 20
@@ -411,15 +414,37 @@ def make_maniskill(args: Args, num_envs: int, video_dir: str | None = None):
     return env
 
 
-def make_env(args: Args, video_dir: str | None = None):
+class RelativeReward(gym.Wrapper):
+    """r_t - r_{t-1}, with r_{-1} = 0 from every reset (--relative-reward). A batched ManiSkill env keeps one
+    r_{t-1} per env, and a partial reset (options env_idx) clears only those envs'."""
+
+    prev = 0.0
+
+    def reset(self, *, seed=None, options=None):
+        idx = (options or {}).get("env_idx")
+        if idx is not None and torch.is_tensor(self.prev):
+            self.prev[idx] = 0.0
+        else:
+            self.prev = 0.0
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        r, self.prev = r - self.prev, r.clone() if torch.is_tensor(r) else r
+        return obs, r, term, trunc, info
+
+
+def make_env(args: Args, video_dir: str | None = None, relative: bool = False):
     """One env with the numpy API (a worker of the CPU vector env)."""
     if is_maniskill(args.env_id):
         from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
-        return CPUGymWrapper(make_maniskill(args, 1, video_dir), ignore_terminations=True)
-    render_mode = "rgb_array" if video_dir else None
-    env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps, render_mode=render_mode)
-    return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: True) if video_dir else env
+        env = CPUGymWrapper(make_maniskill(args, 1, video_dir), ignore_terminations=True)
+    else:
+        render_mode = "rgb_array" if video_dir else None
+        env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps, render_mode=render_mode)
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: True) if video_dir else env
+    return RelativeReward(env) if relative else env
 
 
 class InProcessEnvs:
@@ -456,14 +481,16 @@ class InProcessEnvs:
             env.close()
 
 
-def make_envs(args: Args, n: int, video_dir: str | None = None):
-    """n envs with the vector API and no autoreset (step_chunk resets the ended ones between chunks)."""
+def make_envs(args: Args, n: int, video_dir: str | None = None, relative: bool = False):
+    """n envs with the vector API and no autoreset (step_chunk resets the ended ones between chunks).
+    relative: the training envs' --relative-reward (evaluation reports the env's own reward)."""
     if args.vector_env == "maniskill":
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
         env = make_maniskill(args, n, video_dir)
+        env = RelativeReward(env) if relative else env
         return ManiSkillVectorEnv(env, n, auto_reset=False, ignore_terminations=True, record_metrics=False)
-    thunks = [functools.partial(make_env, args, video_dir if i == 0 else None) for i in range(n)]
+    thunks = [functools.partial(make_env, args, video_dir if i == 0 else None, relative) for i in range(n)]
     if n > 1 and is_maniskill(args.env_id):  # spawn: SAPIEN is not fork-safe
         disabled = gym.vector.AutoresetMode.DISABLED
         return gym.vector.AsyncVectorEnv(thunks, context="spawn", autoreset_mode=disabled)
@@ -717,7 +744,10 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     K, Ta = args.denoising_steps, args.action_horizon
 
-    envs = make_envs(args, args.num_eval_envs if args.evaluate or args.save_demos else args.num_envs)
+    if args.evaluate or args.save_demos:
+        envs = make_envs(args, args.num_eval_envs)
+    else:
+        envs = make_envs(args, args.num_envs, relative=args.relative_reward)
     box, obs_shape = envs.single_action_space, envs.single_observation_space.shape
     if not isinstance(box, gym.spaces.Box) or len(box.shape) != 1 or len(obs_shape) != 1:
         fail(f"{args.env_id} has action space {box}, observations {obs_shape}: need flat Box spaces")

@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -497,7 +498,7 @@ def test_batched_env_path_on_cpu_train_resume_evaluate(pickcube_demos, monkeypat
     common = ["--env-id", "PickCube-v1", "--sim-backend", "physx_cpu", "--vector-env", "maniskill",
               "--num-envs", "1", "--num-eval-envs", "1", "--max-episode-steps", "20", "--hidden-dim", "32",
               "--num-steps", "4", "--num-minibatches", "2", "--eval-episodes", "1",
-              "--eval-freq", "100", "--reward-mode", "normalized_dense"]  # fmt: skip
+              "--eval-freq", "100", "--reward-mode", "normalized_dense", "--relative-reward"]  # fmt: skip
     first = ["--demo-path", str(pickcube_demos), "--sft-steps", "5", "--seed", "3"]
     F.main(tyro.cli(F.Args, args=[*common, *first, "--total-timesteps", "200", "--exp-name", "batched"]))
     out = capsys.readouterr().out
@@ -517,6 +518,40 @@ def test_batched_env_path_on_cpu_train_resume_evaluate(pickcube_demos, monkeypat
     assert res == {k: saved[k] for k in res} == last_eval and 0 < res["return"] < 20  # a dense return
 
 
+def test_relative_reward_is_the_difference_of_consecutive_rewards():
+    """InvertedPendulum pays 1 per step: relative rewards are 1 at an episode's first step, then 0, and a
+    reset of one env (reset_mask; env_idx in a batched env) restarts only that env's r_{t-1}."""
+    envs = F.make_envs(F.Args(env_id="InvertedPendulum-v5"), False, 2, relative=True)
+    try:
+        envs.reset(seed=0)
+        zero = np.zeros((2, 1), np.float32)
+        assert envs.step(zero)[1].tolist() == [1.0, 1.0]
+        envs.step(zero)
+        assert envs.step(zero)[1].tolist() == [0.0, 0.0]
+        envs.reset(options={"reset_mask": np.array([True, False])})
+        assert envs.step(zero)[1].tolist() == [1.0, 0.0]
+    finally:
+        envs.close()
+
+    class Batched(gym.Env):  # two envs in one, paying t² at their t-th step, as ManiSkill's tensors
+        observation_space = action_space = gym.spaces.Box(-1, 1, (1,))
+        t = torch.zeros(2)
+
+        def reset(self, *, seed=None, options=None):
+            self.t[(options or {}).get("env_idx", slice(None))] = 0
+            return torch.zeros(2, 1), {}
+
+        def step(self, action):
+            self.t += 1
+            return torch.zeros(2, 1), self.t**2, torch.zeros(2, dtype=bool), torch.zeros(2, dtype=bool), {}
+
+    env = F.RelativeReward(Batched())
+    env.reset()
+    assert [env.step(None)[1].tolist() for _ in range(3)] == [[1, 1], [3, 3], [5, 5]]
+    env.reset(options={"env_idx": torch.tensor([0])})
+    assert env.step(None)[1].tolist() == [1, 7]  # env 0: 1 - 0; env 1: 16 - 9
+
+
 def _ckpt(stdout):
     found = re.findall(r"checkpoint (\S+ckpt\.pt)", stdout)
     assert found, stdout[-2000:]
@@ -530,6 +565,7 @@ def test_smoke_pickcube_cpu_path(pickcube_demos):
         "--total-timesteps", "20", "--num-steps", "2", "--num-envs", "1", "--num-minibatches", "1",
         "--num-eval-envs", "1", "--max-episode-steps", "20", "--eval-episodes", "1", "--eval-freq", "0",
         "--exp-name", "test_flow_sde_ppo", "--sampler", "cps", "--logprob-type", "token",
+        "--reward-mode", "normalized_dense", "--relative-reward",
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     assert "(physx_cpu, gymnasium)" in train.stdout and "step 20/20" in train.stdout, train.stdout

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 
+import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
@@ -353,7 +354,7 @@ def write_h5(path, actions=True):
 
 def test_bad_inputs_exit_with_one_line_before_any_env_or_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rf, "make_envs", lambda *a: pytest.fail("built an env before failing"))
+    monkeypatch.setattr(rf, "make_envs", lambda *a, **k: pytest.fail("built an env before failing"))
     write_h5(tmp_path / "good.h5")
     (tmp_path / "trunc.h5").write_bytes((tmp_path / "good.h5").read_bytes()[:300])
     (tmp_path / "notes.h5").write_text("not an h5 file")
@@ -404,6 +405,40 @@ def checkpoints(stdout):
     return [ln.split("checkpoint ")[1] for ln in stdout.splitlines() if ln.startswith("checkpoint ")]
 
 
+def test_relative_reward_is_the_difference_of_consecutive_rewards():
+    """InvertedPendulum pays 1 per step: relative rewards are 1 at an episode's first step, then 0, and a
+    reset of one env (reset_mask; env_idx in a batched env) restarts only that env's r_{t-1}."""
+    envs = rf.make_envs(rf.Args(env_id="InvertedPendulum-v5"), 2, relative=True)
+    try:
+        envs.reset(seed=[0, 1])
+        zero = np.zeros((2, 1), np.float32)
+        assert envs.step(zero)[1].tolist() == [1.0, 1.0]
+        envs.step(zero)
+        assert envs.step(zero)[1].tolist() == [0.0, 0.0]
+        envs.reset(options={"reset_mask": np.array([True, False])})
+        assert envs.step(zero)[1].tolist() == [1.0, 0.0]
+    finally:
+        envs.close()
+
+    class Batched(gym.Env):  # two envs in one, paying t² at their t-th step, as ManiSkill's tensors
+        observation_space = action_space = gym.spaces.Box(-1, 1, (1,))
+        t = torch.zeros(2)
+
+        def reset(self, *, seed=None, options=None):
+            self.t[(options or {}).get("env_idx", slice(None))] = 0
+            return torch.zeros(2, 1), {}
+
+        def step(self, action):
+            self.t += 1
+            return torch.zeros(2, 1), self.t**2, torch.zeros(2, dtype=bool), torch.zeros(2, dtype=bool), {}
+
+    env = rf.RelativeReward(Batched())
+    env.reset()
+    assert [env.step(None)[1].tolist() for _ in range(3)] == [[1, 1], [3, 3], [5, 5]]
+    env.reset(options={"env_idx": torch.tensor([0])})
+    assert env.step(None)[1].tolist() == [1, 7]  # env 0: 1 - 0; env 1: 16 - 9
+
+
 def test_smoke_mujoco_sft_finetune_evaluate_save_demos(tmp_path, monkeypatch, capsys):
     """Shortcut flow, K=2 on Hopper-v5 from a random-action npz; then --evaluate (the number logged in
     training, written to <ckpt>.eval.json) and --save-demos of the checkpoint."""
@@ -440,7 +475,7 @@ def test_batched_path_on_cpu_sft_train_resume_evaluate(pickcube_demos, tmp_path,
     pick += " --num-eval-envs 1 --eval-episodes 1 --max-episode-steps 12 --hidden-dim 32 --num-steps 8"
     pick += " --eval-freq 64"
     pick = pick.split()
-    ft = "--sft-steps 30 --critic-warmup-iters 0 --bc-coef 0.1".split()
+    ft = "--sft-steps 30 --critic-warmup-iters 0 --bc-coef 0.1 --relative-reward".split()
     main(*pick, *ft, "--demo-path", str(pickcube_demos), "--total-timesteps", "192", "--exp-name", "first")
     run = next((tmp_path / "runs").glob("*__first__*"))
     assert {p.name for p in run.iterdir()} >= {"sft.pt", "ckpt.pt"}
