@@ -32,7 +32,8 @@ Stage I (all modes):  min_theta  L_SFT on D_mix, D_mix = sim-ratio * D_sim + (1 
     (real-only: sim-ratio = 0).
 Stage II (rl-co, rl-sim-only), PPO in sim with one ratio per action dim, r_a = exp(l_a - l_a^old)
 (--logprob-type token; chunk: one ratio r = exp(sum_a (l_a - l_a^old)) per action):
-    L_RL = -E_a min(r_a A, clip(r_a, 1 - eps_c, 1 + eps_c) A) + c_v E (V(o) - R)^2,   A by GAE(gamma, lambda)
+    L_RL = -E_a min(r_a A, clip(r_a, 1 - eps_c, 1 + eps_c) A) + c_v E (V(o_n) - R)^2,  A by GAE(gamma, lambda)
+(o_n: the observation normalised by the demos' statistics, as the policy and flow_noise_ppo's critic see it)
     L    = L_RL(sim) + beta * L_SFT(real)          (rl-sim-only: beta = 0)
 on the reward r'_t = d_t - d_{t-1} (d: ManiSkill's normalized dense reward, d_{-1} = 0; RLinf's
 relative reward, --relative-reward), whose episode sum is the last step's d: 1 at success, where the
@@ -850,7 +851,7 @@ def main(args: Args):
             with torch.no_grad():
                 chain = sample_chain(policy, next_obs)
                 logp_b[t] = chain_log_prob(policy, next_obs, chain, args.logprob_type)
-                val_b[t] = critic(next_obs).squeeze(-1)
+                val_b[t] = critic(policy.norm(next_obs)).squeeze(-1)
             chain_b[t] = chain
             obs, r, term, trunc, success = envs.step(chain[:, -1].clamp(-1, 1))
             ep_return += r
@@ -858,7 +859,7 @@ def main(args: Args):
             cut = trunc & ~term
             if cut.any():  # a truncated episode is bootstrapped with V(its last obs)
                 with torch.no_grad():
-                    r = torch.where(cut, r + args.gamma * critic(obs).squeeze(-1), r)
+                    r = torch.where(cut, r + args.gamma * critic(policy.norm(obs)).squeeze(-1), r)
             done = term | trunc
             rew_b[t], done_b[t] = r, done.float()
             for i in done.nonzero()[:, 0].tolist():
@@ -868,15 +869,18 @@ def main(args: Args):
             ep_return[done], ep_success[done] = 0.0, False
             next_obs = envs.reset_done(done, obs)
         with torch.no_grad():
-            next_value = critic(next_obs).squeeze(-1)
+            next_value = critic(policy.norm(next_obs)).squeeze(-1)
         adv_b, ret_b = gae(rew_b, val_b, done_b, next_value, args.gamma, args.gae_lambda)
+        explained_var = 1 - (ret_b - val_b).var() / (ret_b.var() + 1e-8)
+        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
 
         b_obs, b_chain = obs_b.reshape(-1, obs_dim), chain_b.reshape(-1, K + 1, act_dim)
         b_logp, b_adv, b_ret = logp_b.flatten(0, 1), adv_b.reshape(-1), ret_b.reshape(-1)
         actor_on = iteration > args.critic_warmup_iters
         for _epoch in range(args.update_epochs):
             for mb in torch.randperm(args.batch_size, device=device).tensor_split(args.num_minibatches):
-                v_loss = finite(0.5 * ((critic(b_obs[mb]).squeeze(-1) - b_ret[mb]) ** 2).mean(), "value_loss")
+                v = critic(policy.norm(b_obs[mb])).squeeze(-1)
+                v_loss = finite(0.5 * ((v - b_ret[mb]) ** 2).mean(), "value_loss")
                 critic_opt.zero_grad()
                 (args.vf_coef * v_loss).backward()
                 nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
