@@ -41,9 +41,9 @@ PPO, one ratio per chunk decision: r = exp(log pi_new - log pi_old),
     L_pi = E[ max(-A r, -A clip(r, 1 - eps, 1 + eps)) ] - c_H H + c_BC ||ODE_theta(s, 0) - ODE_ref(s, 0)||^2
     L_V  = 1/2 E[(V(s) - R)^2]
 with A from GAE(gamma, lambda) over chunk steps whose reward is the chunk's summed reward (of r_t - r_{t-1}
-with --relative-reward), scaled by a running std of discounted returns. sigma_max decays (hold, then cosine) as training goes on. The official
-code also clips the normalised log-probs to [-1, 1]; with a small sigma (PickCube) every log-prob exceeds 1
-and that clip zeroes the policy gradient, so there is none here.
+with --relative-reward), scaled by a running std of discounted returns. sigma_max decays (hold, then cosine)
+as training goes on. The official code also clips the normalised log-probs to [-1, 1]; with a small sigma
+(PickCube) every log-prob exceeds 1 and that clip zeroes the policy gradient, so there is none here.
 """
 
 import functools

@@ -19,19 +19,23 @@ shift rules (ShiftWrapper) serves both simulator paths: actions are delayed and 
 batched tensors, and the task objects' mass and friction are set when the scene is built, which
 physx_cuda requires.
 
-Policy pi_theta(a | o): a K-step flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
+Policy pi_theta(a | o) over an action chunk a in R^{H x A} (H = --action-horizon, flattened to H*A): a K-step
+flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
     a^{k+1} = a^k + v_theta(o, a^k, tau_k) dt + sigma_phi(o, a^k, tau_k) eps_k,   eps_k ~ N(0, I),
-    action = clip(a^K, -1, 1).  Deterministic evaluation uses sigma = 0 (the plain flow ODE).
-Chain log-likelihood per action dim a, averaged over its K+1 terms as in flow_noise_ppo (a^0's term does not
-depend on theta, so it cancels in PPO ratios and is left out):
+    the env plays the first C = --num-action-chunks actions of clip(a^K, -1, 1), then the policy re-plans;
+    an episode that ends inside a chunk drops the chunk's rest. Deterministic evaluation: sigma = 0 (the ODE).
+Chain log-likelihood per executed element a (h < C), averaged over its K+1 terms as in flow_noise_ppo (a^0's
+term does not depend on theta, so it cancels in PPO ratios and is left out):
     l_a = 1/(K+1) sum_k log N(a^{k+1}_a; a^k + v_theta(o, a^k, tau_k) dt, sigma_phi(o, a^k, tau_k)^2)_a
-Supervised flow-matching loss on demos (a, o), with tau ~ U(0, 1), eps ~ N(0, I):
+Supervised flow-matching loss on demo chunks (a = the demo's next H actions, the last repeated past its end,
+o), with tau ~ U(0, 1), eps ~ N(0, I):
     a_tau = (1 - tau) eps + tau a,    L_SFT = E || v_theta(o, a_tau, tau) - (a - eps) ||^2
 Stage I (all modes):  min_theta  L_SFT on D_mix, D_mix = sim-ratio * D_sim + (1 - sim-ratio) * D_real
     (real-only: sim-ratio = 0).
-Stage II (rl-co, rl-sim-only), PPO in sim with one ratio per action dim, r_a = exp(l_a - l_a^old)
-(--logprob-type token; chunk: one ratio r = exp(sum_a (l_a - l_a^old)) per action):
+Stage II (rl-co, rl-sim-only), PPO in sim on chunk decisions (reward: the sum of the C played rewards; gamma
+and lambda per decision) with one ratio per executed element, r_a = exp(l_a - l_a^old) (--logprob-type token;
+chunk: one ratio r = exp(sum_a (l_a - l_a^old)) per decision):
     L_RL = -E_a min(r_a A, clip(r_a, 1 - eps_c, 1 + eps_c) A) + c_v E (V(o_n) - R)^2,  A by GAE(gamma, lambda)
 (o_n: the observation normalised by the demos' statistics, as the policy and flow_noise_ppo's critic see it)
     L    = L_RL(sim) + beta * L_SFT(real)          (rl-sim-only: beta = 0)
@@ -133,8 +137,12 @@ class Args:
     """lower bound of the learned per-step noise std"""
     sigma_max: float = 0.04
     """upper bound of the learned per-step noise std"""
+    action_horizon: int = 1
+    """H: actions predicted per chunk"""
+    num_action_chunks: int = 1
+    """C: actions of the chunk executed before re-planning (C <= H)"""
     logprob_type: Literal["token", "chunk"] = "token"
-    """PPO ratio per action dim or per action (the sum over dims), as in flow_noise_ppo"""
+    """PPO ratio per executed action element or per chunk (the sum over them), as in flow_noise_ppo"""
 
     # Sim demos and Stage I (SFT)
     demo_path: str | None = None
@@ -175,11 +183,11 @@ class Args:
     total_timesteps: int = 200_000
     """Stage II environment steps in sim"""
     num_steps: int = 5000
-    """steps per environment per rollout"""
+    """chunk decisions per env per rollout (num_steps * C env steps)"""
 
     # filled at runtime
     batch_size: int = 0
-    """the batch size (computed in runtime)"""
+    """chunk decisions per update, num_envs * num_steps (computed in runtime)"""
     minibatch_size: int = 0
     """the mini-batch size (computed in runtime)"""
     num_iterations: int = 0
@@ -221,12 +229,13 @@ def chain_gaussians(policy, o, chain) -> tuple[torch.Tensor, torch.Tensor]:
     return mu.view(B, K, A), policy.sigma(o_n, a_k, tau).view(B, K, A)
 
 
-def chain_log_prob(policy, o, chain, logprob_type: str) -> torch.Tensor:
-    """flow_noise_ppo's log-likelihoods of stored chains, each averaged over the chain's K + 1 terms (a^0's
-    term cancels in ratios). token: l_a = 1/(K+1) sum_k log N(a^{k+1}_a; mu_k, sigma_k^2) per action dim,
-    (B, A); chunk: sum_a l_a = log pi(a^{0:K} | o) / (K+1), (B,)."""
+def chain_log_prob(policy, o, chain, logprob_type: str, executed: int) -> torch.Tensor:
+    """flow_noise_ppo's log-likelihoods of stored chains over their first `executed` elements (the C played
+    actions of the flattened chunk, C * A), each averaged over the chain's K + 1 terms (a^0's term cancels in
+    ratios). token: l_a = 1/(K+1) sum_k log N(a^{k+1}_a; mu_k, sigma_k^2) per element, (B, executed);
+    chunk: sum_a l_a, (B,)."""
     mu, sigma = chain_gaussians(policy, o, chain)
-    ell = torch.distributions.Normal(mu, sigma).log_prob(chain[:, 1:]).sum(1) / chain.shape[1]
+    ell = torch.distributions.Normal(mu, sigma).log_prob(chain[:, 1:]).sum(1)[:, :executed] / chain.shape[1]
     return ell if logprob_type == "token" else ell.sum(-1)
 
 
@@ -465,6 +474,32 @@ class VecEnv:
         self.envs.close()
 
 
+def new_episodes(n, device) -> dict[str, torch.Tensor]:
+    zeros = torch.zeros(n, dtype=torch.bool, device=device)
+    return {"return": torch.zeros(n, device=device), "success_once": zeros, "success_at_end": zeros.clone()}
+
+
+def step_chunk(envs: VecEnv, actions, alive, ep):
+    """Plays the C env actions (N, C, A) of a chunk. An env whose episode ends inside the chunk (or had ended:
+    alive False) ignores the rest of it: leftover actions played in its next episode would start that
+    episode off the demos' distribution. Updates alive and the episode stats ep in place; returns the obs,
+    the chunk's reward (N,), the obs at which each episode ended, and which ended by truncation."""
+    reward = torch.zeros_like(ep["return"])
+    truncated = torch.zeros_like(alive)
+    end_obs = None
+    for j in range(actions.shape[1]):
+        obs, r, term, trunc, success = envs.step(actions[:, j])
+        reward += r * alive
+        ep["return"] += r * alive
+        ep["success_once"] |= success & alive
+        end = alive & (term | trunc)
+        ep["success_at_end"][end] = success[end]
+        truncated |= end & trunc & ~term
+        end_obs = obs if end_obs is None else torch.where(end[:, None], obs, end_obs)
+        alive &= ~end
+    return obs, reward, end_obs, truncated
+
+
 # ---------------------------------------------------------------- plumbing: scripted experts and demos
 def hover(tcp: np.ndarray, point: np.ndarray, tol: float = 0.01) -> np.ndarray:
     """Target 5 cm above point until the tcp is within tol of it in xy, then point itself (descend last)."""
@@ -525,8 +560,8 @@ EXPERTS = {"PickCube-v1": scripted_pick_expert, "PushCube-v1": scripted_push_exp
            "StackCube-v1": scripted_stack_expert}  # fmt: skip
 
 
-def load_sim_demos(path: str, num_demos: int | None):
-    """ManiSkill h5 (traj_i/obs (L+1, d), traj_i/actions (L, A)) -> (obs, actions) of every step."""
+def load_sim_demos(path: str, num_demos: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """ManiSkill h5 (traj_i/obs (L+1, d), traj_i/actions (L, A)) -> (obs (L, d), actions (L, A)) per demo."""
     import h5py
 
     if not os.path.exists(path):
@@ -536,7 +571,7 @@ def load_sim_demos(path: str, num_demos: int | None):
         mode = json.load(open(meta_path))["env_info"]["env_kwargs"].get("control_mode")
         if mode != "pd_ee_delta_pos":
             fail(f"{path} has control_mode {mode}, need pd_ee_delta_pos (make_demos.sh arg 3)")
-    obs, act = [], []
+    trajs = []
     try:
         with h5py.File(path, "r") as f:
             keys = [k for k in f if k.startswith("traj_")]
@@ -547,21 +582,20 @@ def load_sim_demos(path: str, num_demos: int | None):
                 o, a = f[key]["obs"][()], f[key]["actions"][()]
                 if o.ndim != 2 or a.ndim != 2 or len(a) != len(o) - 1:
                     fail(f"{path}:{key} has obs {o.shape} / actions {a.shape}, need (L+1, d) / (L, A)")
-                obs.append(o[:-1])
-                act.append(a)
+                trajs.append((o[:-1].astype(np.float32), a.astype(np.float32)))
     except OSError as e:
         fail(f"cannot read {path} as h5 ({str(e).splitlines()[0][:60]}): pass one made by make_demos.sh")
-    if not obs:
+    if not trajs:
         fail(f"{path} holds no traj_* trajectories")
-    return np.concatenate(obs).astype(np.float32), np.concatenate(act).astype(np.float32)
+    return trajs
 
 
-def collect_demos(envs: VecEnv, shift: dict, n: int, seed: int, expert):
+def collect_demos(envs: VecEnv, shift: dict, n: int, seed: int, expert) -> list:
     """Runs the expert in the eval envs under shift, on the layouts of seeds seed, seed + 1, ...; keeps each
-    successful episode up to its first success."""
+    successful episode up to its first success, as (obs (L, d), actions (L, A))."""
     envs.set_shift(shift)
-    obs_buf, act_buf, tried = [], [], 0
-    while len(obs_buf) < n and tried < 4 * n + 8:
+    trajs, tried = [], 0
+    while len(trajs) < n and tried < 4 * n + 8:
         o = envs.reset([seed + tried + i for i in range(envs.num_envs)]).cpu().numpy()
         tried += envs.num_envs
         obs_steps, act_steps = [], []
@@ -571,39 +605,48 @@ def collect_demos(envs: VecEnv, shift: dict, n: int, seed: int, expert):
             act_steps.append(expert(o))
             step = envs.step(torch.as_tensor(act_steps[-1], device=envs.device))
             o, _, _, trunc, success = (x.cpu().numpy() for x in step)
-            for i in np.where(~done & success)[0][: n - len(obs_buf)]:
-                obs_buf.append(np.stack(obs_steps)[:, i])
-                act_buf.append(np.stack(act_steps)[:, i])
+            for i in np.where(~done & success)[0][: n - len(trajs)]:
+                trajs.append((np.stack(obs_steps)[:, i].astype(np.float32), np.stack(act_steps)[:, i]))
             done |= success | trunc
-    if len(obs_buf) < n:
-        fail(f"the scripted expert solved only {len(obs_buf)} of {tried} episodes under {shift}: ask fewer")
-    return np.concatenate(obs_buf).astype(np.float32), np.concatenate(act_buf).astype(np.float32)
+    if len(trajs) < n:
+        fail(f"the scripted expert solved only {len(trajs)} of {tried} episodes under {shift}: ask fewer")
+    return trajs
+
+
+def demo_chunks(trajs, H: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> obs (N, d), action chunks (N, H * A): each step's next H actions, the last repeated past the end."""
+    obs, chunks = [], []
+    for o, a in trajs:
+        idx = np.minimum(np.arange(len(a))[:, None] + np.arange(H)[None], len(a) - 1)
+        obs.append(o)
+        chunks.append(a[idx].reshape(len(a), -1))
+    return np.concatenate(obs), np.concatenate(chunks)
 
 
 # ---------------------------------------------------------------- plumbing: evaluation and checkpoints
+def chunk_actions(chain, A: int, C: int) -> torch.Tensor:
+    """The env actions of chains (B, K+1, H*A): the first C actions of clip(a^K, -1, 1), (B, C, A)."""
+    return chain[:, -1].clamp(-1, 1).view(chain.shape[0], -1, A)[:, :C]
+
+
 @torch.no_grad()
-def evaluate(policy, envs: VecEnv, domains: dict, n: int, seed: int) -> dict:
+def evaluate(policy, envs: VecEnv, domains: dict, n: int, seed: int, C: int) -> dict:
     """Noise-free policy in each domain on the layouts of seeds seed..seed+n-1, full episodes. a^0 comes from
     a generator seeded with seed: a checkpoint gets the same numbers during training and with --evaluate."""
     results = {}
     for domain, shift in domains.items():
         envs.set_shift(shift)
         generator = torch.Generator(envs.device).manual_seed(seed)
-        stats = {"success_once": [], "success_at_end": [], "return": []}
+        stats = {"return": [], "success_once": [], "success_at_end": []}
         for start in range(0, n, envs.num_envs):
             o = envs.reset([seed + start + i for i in range(envs.num_envs)], rebuild=start == 0)
-            ret = torch.zeros(envs.num_envs, device=envs.device)
-            once = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
-            while True:
-                a = sample_chain(policy, o, deterministic=True, generator=generator)[:, -1].clamp(-1, 1)
-                o, r, _, trunc, success = envs.step(a)
-                ret += r
-                once |= success
-                if trunc.any():
-                    break
-            stats["success_once"] += once[: n - start].tolist()
-            stats["success_at_end"] += success[: n - start].tolist()
-            stats["return"] += ret[: n - start].tolist()
+            ep = new_episodes(envs.num_envs, envs.device)
+            alive = torch.ones(envs.num_envs, dtype=torch.bool, device=envs.device)
+            while alive.any():
+                chain = sample_chain(policy, o, deterministic=True, generator=generator)
+                o = step_chunk(envs, chunk_actions(chain, envs.act_dim, C), alive, ep)[0]
+            for k, v in ep.items():
+                stats[k] += v[: n - start].tolist()
         results[domain] = {k: float(np.mean(v)) for k, v in stats.items()}
     return results
 
@@ -641,7 +684,8 @@ def check_args(args: Args) -> dict | None:
     if args.mode not in MODES:
         fail(f"unknown --mode {args.mode}: use one of {', '.join(MODES)}")
     positive = ("num_envs", "num_eval_envs", "eval_freq", "eval_episodes", "real_demos", "denoising_steps",
-                "hidden_dim", "sft_batch_size", "num_minibatches", "update_epochs", "num_steps")  # fmt: skip
+                "hidden_dim", "sft_batch_size", "num_minibatches", "update_epochs", "num_steps",
+                "action_horizon", "num_action_chunks")  # fmt: skip
     for name in positive + ("num_demos",) * (args.num_demos is not None):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -650,6 +694,8 @@ def check_args(args: Args) -> dict | None:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail(f"need 0 < --gamma <= 1 and 0 <= --gae-lambda <= 1, got {args.gamma} and {args.gae_lambda}")
+    if args.num_action_chunks > args.action_horizon:
+        fail(f"--num-action-chunks {args.num_action_chunks} > --action-horizon {args.action_horizon}: C <= H")
     if not 0 < args.sigma_min <= args.sigma_max:
         fail(f"need 0 < --sigma-min <= --sigma-max, got {args.sigma_min} and {args.sigma_max}")
     if not 0.0 <= args.sim_ratio <= 1.0 or args.aux_coef < 0:
@@ -667,7 +713,8 @@ def check_args(args: Args) -> dict | None:
         fail(f"--seed {args.seed}: evaluation would replay the real demos' layouts: use --seed >= 1")
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // args.batch_size if args.mode.startswith("rl-") else 0
+    steps_per_iteration = args.batch_size * args.num_action_chunks
+    args.num_iterations = args.total_timesteps // steps_per_iteration if args.mode.startswith("rl-") else 0
     stage_two = args.num_iterations > (ckpt["iteration"] if ckpt else 0) and not args.evaluate
     if stage_two and args.minibatch_size < 2:
         fail(f"--num-envs x --num-steps / --num-minibatches = {args.batch_size / args.num_minibatches:g}: "
@@ -710,13 +757,14 @@ def main(args: Args):
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
     eval_envs = VecEnv(args, args.num_eval_envs, real_shift, device, evaluation=True)
-    obs_dim, act_dim = eval_envs.obs_dim, eval_envs.act_dim
-    if sim_demos is not None and (sim_demos[0].shape[1], sim_demos[1].shape[1]) != (obs_dim, act_dim):
+    obs_dim, A = eval_envs.obs_dim, eval_envs.act_dim
+    dims = {(o.shape[1], a.shape[1]) for o, a in sim_demos or []}
+    if dims - {(obs_dim, A)}:
         eval_envs.close()
-        fail(f"{args.demo_path} has obs/action dims {sim_demos[0].shape[1]}/{sim_demos[1].shape[1]}, "
-             f"{args.env_id} {obs_dim}/{act_dim}: pass demos made for this task")  # fmt: skip
-    K = args.denoising_steps
-    policy = FlowNoisePolicy(obs_dim, act_dim, K, args.sigma_min, args.sigma_max, args.hidden_dim).to(device)
+        fail(f"{args.demo_path} has obs/action dims {'/'.join(map(str, dims.pop()))}, "
+             f"{args.env_id} {obs_dim}/{A}: pass demos made for this task")  # fmt: skip
+    K, H, C = args.denoising_steps, args.action_horizon, args.num_action_chunks
+    policy = FlowNoisePolicy(obs_dim, H * A, K, args.sigma_min, args.sigma_max, args.hidden_dim).to(device)
     critic = mlp(obs_dim, 1, args.hidden_dim).to(device)
     actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
@@ -728,7 +776,8 @@ def main(args: Args):
                 net.load_state_dict(ckpt[name])
         except (RuntimeError, ValueError, KeyError):
             eval_envs.close()
-            fail(f"{args.checkpoint} does not fit these networks: pass its --hidden-dim, --denoising-steps")
+            fail(f"{args.checkpoint} does not fit these networks: pass its --hidden-dim, "
+                 "--denoising-steps, --action-horizon")  # fmt: skip
         # this run's learning rates, not the saved run's (RL from an SFT checkpoint)
         for opt, lr in ((actor_opt, args.learning_rate), (critic_opt, args.critic_learning_rate)):
             for group in opt.param_groups:
@@ -736,8 +785,8 @@ def main(args: Args):
         start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
 
     if args.evaluate:
-        result = {"checkpoint": args.checkpoint, "global_step": global_step, "seed": args.seed,
-                  **evaluate(policy, eval_envs, domains, args.eval_episodes, args.seed + 10_000)}  # fmt: skip
+        stats = evaluate(policy, eval_envs, domains, args.eval_episodes, args.seed + 10_000, C)
+        result = {"checkpoint": args.checkpoint, "global_step": global_step, "seed": args.seed, **stats}
         eval_envs.close()
         out = args.checkpoint.removesuffix(".pt") + ".eval.json"
         with open(out, "w") as f:
@@ -747,11 +796,13 @@ def main(args: Args):
         return result
 
     expert = EXPERTS[args.env_id]
-    real_o, real_a = collect_demos(eval_envs, real_shift, args.real_demos, 10_000 + 1000 * args.seed, expert)
+    real = collect_demos(eval_envs, real_shift, args.real_demos, 10_000 + 1000 * args.seed, expert)
     if stage_one and not args.demo_path:  # layouts apart from the real demos' and the evaluation's
         sim_demos = collect_demos(eval_envs, domains["sim"], args.num_demos or 100, 10**6 * args.seed, expert)
-    real_o, real_a = torch.as_tensor(real_o, device=device), torch.as_tensor(real_a, device=device)
-    sim_o, sim_a = (torch.as_tensor(x, device=device) for x in sim_demos) if sim_demos else (None, None)
+    real_o, real_a = (torch.as_tensor(x, device=device) for x in demo_chunks(real, H))
+    sim_o, sim_a = (None, None)
+    if sim_demos:
+        sim_o, sim_a = (torch.as_tensor(x, device=device) for x in demo_chunks(sim_demos, H))
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -785,7 +836,7 @@ def main(args: Args):
             print(f"checkpoint {last_ckpt}", flush=True)
 
     def log_eval(step):
-        results = evaluate(policy, eval_envs, domains, args.eval_episodes, args.seed + 10_000)
+        results = evaluate(policy, eval_envs, domains, args.eval_episodes, args.seed + 10_000, C)
         for domain, res in results.items():
             for k, v in res.items():
                 writer.add_scalar(f"eval/{k}" if domain == "sim" else f"eval_{domain}/{k}", v, step)
@@ -834,39 +885,38 @@ def main(args: Args):
     # ---- ALGO LOGIC: Stage II, PPO in sim + beta * SFT on real demos ----
     envs = VecEnv(args, args.num_envs, domains["sim"], device, evaluation=False)
     N, T = args.num_envs, args.num_steps
-    eval_iters = max(1, round(args.eval_freq / args.batch_size))
+    eval_iters = max(1, round(args.eval_freq / (args.batch_size * C)))
     obs_b = torch.zeros(T, N, obs_dim, device=device)
-    chain_b = torch.zeros(T, N, K + 1, act_dim, device=device)
+    chain_b = torch.zeros(T, N, K + 1, H * A, device=device)
     rew_b, done_b, val_b = (torch.zeros(T, N, device=device) for _ in range(3))
-    logp_b = torch.zeros((T, N, act_dim) if args.logprob_type == "token" else (T, N), device=device)
-    ep_return, ep_success = torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device)
+    logp_b = torch.zeros((T, N, C * A) if args.logprob_type == "token" else (T, N), device=device)
+    ep = new_episodes(N, device)
     # exact resume: the random state of the checkpoint, whatever building the envs drew
     set_rng_states(rng_at_ckpt)
     next_obs = envs.reset([args.seed + global_step + i for i in range(N)], rebuild=True)
     for iteration in range(start_iter + 1, args.num_iterations + 1):
         t_iter, finished = time.time(), []
         for t in range(T):
-            global_step += N
+            global_step += N * C
             obs_b[t] = next_obs
             with torch.no_grad():
                 chain = sample_chain(policy, next_obs)
-                logp_b[t] = chain_log_prob(policy, next_obs, chain, args.logprob_type)
+                logp_b[t] = chain_log_prob(policy, next_obs, chain, args.logprob_type, C * A)
                 val_b[t] = critic(policy.norm(next_obs)).squeeze(-1)
             chain_b[t] = chain
-            obs, r, term, trunc, success = envs.step(chain[:, -1].clamp(-1, 1))
-            ep_return += r
-            ep_success |= success
-            cut = trunc & ~term
+            alive = torch.ones(N, dtype=torch.bool, device=device)
+            obs, r, end_obs, cut = step_chunk(envs, chunk_actions(chain, A, C), alive, ep)
             if cut.any():  # a truncated episode is bootstrapped with V(its last obs)
                 with torch.no_grad():
-                    r = torch.where(cut, r + args.gamma * critic(policy.norm(obs)).squeeze(-1), r)
-            done = term | trunc
+                    r = torch.where(cut, r + args.gamma * critic(policy.norm(end_obs)).squeeze(-1), r)
+            done = ~alive
             rew_b[t], done_b[t] = r, done.float()
             for i in done.nonzero()[:, 0].tolist():
-                finished.append((ep_return[i].item(), float(ep_success[i])))
-                writer.add_scalar("charts/episodic_return", ep_return[i].item(), global_step)
-                writer.add_scalar("charts/success_once", float(ep_success[i]), global_step)
-            ep_return[done], ep_success[done] = 0.0, False
+                finished.append((ep["return"][i].item(), float(ep["success_once"][i])))
+                writer.add_scalar("charts/episodic_return", ep["return"][i].item(), global_step)
+                writer.add_scalar("charts/success_once", float(ep["success_once"][i]), global_step)
+            for v in ep.values():
+                v[done] = 0
             next_obs = envs.reset_done(done, obs)
         with torch.no_grad():
             next_value = critic(policy.norm(next_obs)).squeeze(-1)
@@ -874,7 +924,7 @@ def main(args: Args):
         explained_var = 1 - (ret_b - val_b).var() / (ret_b.var() + 1e-8)
         writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
 
-        b_obs, b_chain = obs_b.reshape(-1, obs_dim), chain_b.reshape(-1, K + 1, act_dim)
+        b_obs, b_chain = obs_b.reshape(-1, obs_dim), chain_b.reshape(-1, K + 1, H * A)
         b_logp, b_adv, b_ret = logp_b.flatten(0, 1), adv_b.reshape(-1), ret_b.reshape(-1)
         actor_on = iteration > args.critic_warmup_iters
         for _epoch in range(args.update_epochs):
@@ -888,7 +938,7 @@ def main(args: Args):
                 if not actor_on:
                     continue
                 adv = (b_adv[mb] - b_adv[mb].mean()) / (b_adv[mb].std() + 1e-8)
-                new_logp = chain_log_prob(policy, b_obs[mb], b_chain[mb], args.logprob_type)
+                new_logp = chain_log_prob(policy, b_obs[mb], b_chain[mb], args.logprob_type, C * A)
                 pg_loss, approx_kl = ppo_policy_loss(new_logp, b_logp[mb], adv, args.clip_coef)
                 sft_loss = torch.zeros((), device=device)
                 if beta > 0:
@@ -900,26 +950,28 @@ def main(args: Args):
             if actor_on and approx_kl.item() > args.target_kl:
                 break
 
-        sps = int(N * T / (time.time() - t_iter))
+        sps = int(N * T * C / (time.time() - t_iter))
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         if actor_on:
             writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
             writer.add_scalar("losses/sft_real_loss", sft_loss.item(), global_step)
             writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        eta = (args.num_iterations - iteration) * N * T / max(sps, 1) / 60
+        eta = (args.num_iterations - iteration) * N * T * C / max(sps, 1) / 60
         train = "none ended"
         if finished:
             ret, succ = np.mean(finished, 0)
             train = f"return {ret:.2f} success {succ:.2f} ({len(finished)})"
-        print(f"step {global_step}/{args.num_iterations * args.batch_size} | {sps} steps/s | ETA {eta:.0f}m"
+        total = args.num_iterations * args.batch_size * C
+        print(f"step {global_step}/{total} | {sps} steps/s | ETA {eta:.0f}m"
               f" | train episodes (end at success): {train}", flush=True)  # fmt: skip
         if iteration % eval_iters == 0 or iteration == args.num_iterations:
             log_eval(global_step)
             checkpoint(["ckpt.pt"], iteration)
             if iteration < args.num_iterations:  # where a run resumed from this checkpoint starts
                 next_obs = envs.reset([args.seed + global_step + i for i in range(N)], rebuild=True)
-                ep_return[:], ep_success[:] = 0.0, False
+                for v in ep.values():
+                    v[:] = 0
     envs.close()
     eval_envs.close()
     writer.close()

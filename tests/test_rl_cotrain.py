@@ -37,8 +37,11 @@ def test_chain_log_prob_matches_step_by_step_gaussians():
         sigma = policy.sigma(policy.norm(o), chain[:, k], tau)
         expected += torch.distributions.Normal(mu, sigma).log_prob(chain[:, k + 1])
     # flow_noise_ppo's log-likelihoods: per action dim (token) and per action (chunk), over K + 1 = 4 terms
-    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "token"), expected / 4)
-    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "chunk"), expected.sum(-1) / 4)
+    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "token", 2), expected / 4)
+    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "chunk", 2), expected.sum(-1) / 4)
+    # read as a chunk of H = 2 one-dim actions of which C = 1 is played: only the played element counts
+    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "token", 1), expected[:, :1] / 4)
+    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "chunk", 1), expected[:, 0] / 4)
     # deterministic sampling is the noiseless Euler flow: the same generator seed, the same chain
     c1 = rc.sample_chain(policy, o, deterministic=True, generator=torch.Generator().manual_seed(3))
     c2 = rc.sample_chain(policy, o, deterministic=True, generator=torch.Generator().manual_seed(3))
@@ -77,10 +80,10 @@ def test_sampler_draws_the_chains_that_chain_log_prob_scores():
         with torch.no_grad():
             for p, d in zip(part.parameters(), u, strict=True):
                 p.add_(h * d)
-            plus = rc.chain_log_prob(p64, o64, chain64, "chunk")
+            plus = rc.chain_log_prob(p64, o64, chain64, "chunk", 2)
             for p, d in zip(part.parameters(), u, strict=True):
                 p.sub_(2 * h * d)
-            minus = rc.chain_log_prob(p64, o64, chain64, "chunk")
+            minus = rc.chain_log_prob(p64, o64, chain64, "chunk", 2)
             for p, d in zip(part.parameters(), u, strict=True):
                 p.add_(h * d)
         s = (plus - minus) / (2 * h)
@@ -91,7 +94,7 @@ def test_combined_loss_gradient_is_rl_plus_beta_sft():
     policy, beta = tiny_policy(), 0.37
     o = torch.randn(8, 6)
     chain = rc.sample_chain(policy, o)
-    old_logp = rc.chain_log_prob(policy, o, chain, "chunk").detach() + 0.05 * torch.randn(8)
+    old_logp = rc.chain_log_prob(policy, o, chain, "chunk", 2).detach() + 0.05 * torch.randn(8)
     adv = torch.randn(8)
     demo_o, demo_a = torch.randn(16, 6), torch.rand(16, 2) * 2 - 1
     tau, eps = torch.rand(16, 1), torch.randn(16, 2)
@@ -102,7 +105,7 @@ def test_combined_loss_gradient_is_rl_plus_beta_sft():
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
 
     def l_rl():
-        return rc.ppo_policy_loss(rc.chain_log_prob(policy, o, chain, "chunk"), old_logp, adv, 0.2)[0]
+        return rc.ppo_policy_loss(rc.chain_log_prob(policy, o, chain, "chunk", 2), old_logp, adv, 0.2)[0]
 
     def l_sft():
         return rc.flow_matching_loss(policy, demo_o, demo_a, tau, eps)
@@ -195,6 +198,42 @@ def test_sft_loss_drops_on_toy_dataset():
     assert err < 0.25, err
 
 
+def test_demo_chunks_hold_the_next_H_actions_and_repeat_the_last():
+    o, a = np.arange(3.0)[:, None], np.array([[1.0, -1], [2, -2], [3, -3]])
+    obs, chunks = rc.demo_chunks([(o, a), (o[:1], a[:1])], H=2)
+    assert obs[:, 0].tolist() == [0, 1, 2, 0]
+    assert chunks.tolist() == [[1, -1, 2, -2], [2, -2, 3, -3], [3, -3, 3, -3], [1, -1, 1, -1]]
+
+
+def test_episode_end_inside_a_chunk_drops_the_leftover_actions():
+    """Env 0 terminates at the chunk's second action, env 1 truncates at its third: neither plays (or is
+    credited for) the chunk's rest; env 2 plays all four actions."""
+
+    class Envs:
+        played = []
+
+        def step(self, a):
+            self.played.append(a.clone())
+            j = len(self.played)
+            ends = [[j == 2, False, False], [False, j == 3, False], [j == 2, False, False]]
+            term, trunc, success = torch.tensor(ends)
+            return torch.full((3, 1), float(j)), torch.ones(3), term, trunc, success
+
+    ep, alive = rc.new_episodes(3, CPU), torch.ones(3, dtype=torch.bool)
+    actions = torch.arange(12.0).view(3, 4, 1)
+    obs, reward, end_obs, truncated = rc.step_chunk(Envs(), actions, alive, ep)
+    assert reward.tolist() == [2, 3, 4] and ep["return"].tolist() == [2, 3, 4]
+    assert alive.tolist() == [False, False, True] and truncated.tolist() == [False, True, False]
+    assert end_obs[:2, 0].tolist() == [2, 3] and obs[:, 0].tolist() == [4, 4, 4]
+    assert ep["success_once"].tolist() == [True, False, False]
+    assert len(Envs.played) == 4
+    assert ep["success_at_end"].tolist() == [True, False, False]
+    # the chunk's env actions are the first C of clip(a^K): (B, K+1, H*A) -> (B, C, A)
+    chain = torch.zeros(2, 3, 6)
+    chain[:, -1] = torch.tensor([0.5, 2.0, -3.0, 0.25, 0.75, 0.125])
+    assert rc.chunk_actions(chain, A=2, C=2)[0].tolist() == [[0.5, 1.0], [-1.0, 0.25]]
+
+
 def test_parse_shift_and_bad_items():
     s = rc.parse_shift("action_scale=0.5, action_delay=2")
     assert s == {**rc.NOMINAL_SHIFT, "action_scale": 0.5, "action_delay": 2}
@@ -284,13 +323,15 @@ def sim_demos(tmp_path_factory) -> Path:
     args = rc.Args(max_episode_steps=50, sim_backend="physx_cpu", vector_env="gymnasium")
     envs = rc.VecEnv(args, 1, dict(rc.NOMINAL_SHIFT), CPU, evaluation=True)
     try:
-        obs, act = rc.collect_demos(envs, dict(rc.NOMINAL_SHIFT), 2, seed=0, expert=rc.scripted_pick_expert)
+        trajs = rc.collect_demos(envs, dict(rc.NOMINAL_SHIFT), 2, seed=0, expert=rc.scripted_pick_expert)
     finally:
         envs.close()
     path = tmp_path_factory.mktemp("sim_demos") / "sim.h5"
     with h5py.File(path, "w") as f:
-        f.create_dataset("traj_0/obs", data=np.concatenate([obs, obs[-1:]]))
-        f.create_dataset("traj_0/actions", data=act)
+        for i, (obs, act) in enumerate(trajs):
+            f.create_dataset(f"traj_{i}/obs", data=np.concatenate([obs, obs[-1:]]))
+            f.create_dataset(f"traj_{i}/actions", data=act)
+    assert [a.shape for _, a in rc.load_sim_demos(str(path), None)] == [a.shape for _, a in trajs]
     return path
 
 
@@ -370,9 +411,9 @@ def test_same_seed_same_numbers_exact_resume_and_nan_guard(capsys, monkeypatch):
     calls = []
 
     def spy(envs, shift, n, seed, expert):
-        obs, act = collect_demos(envs, shift, n, seed, expert)
-        calls.append((shift, n, seed, len(obs)))
-        return obs, act
+        trajs = collect_demos(envs, shift, n, seed, expert)
+        calls.append((shift, n, seed, sum(len(o) for o, _ in trajs)))
+        return trajs
 
     collect_demos = rc.collect_demos
     monkeypatch.setattr(rc, "collect_demos", spy)
@@ -405,9 +446,11 @@ def test_same_seed_same_numbers_exact_resume_and_nan_guard(capsys, monkeypatch):
 
 def test_batched_path_on_cpu_trains_checkpoints_resumes_and_evaluates(sim_demos, capsys):
     """The GPU code path (ManiSkill's batched env in ManiSkillVectorEnv, the real shift's friction set at
-    build time) on physx_cpu: Stage I on sim + real demos, PPO + beta SFT, checkpoint, resume, --evaluate."""
+    build time) on physx_cpu, with action chunks (H = 3, C = 2): Stage I on sim + real demos, PPO + beta SFT,
+    checkpoint, resume, --evaluate."""
     flags = ["--sim-backend", "physx_cpu", "--vector-env", "maniskill", "--demo-path", str(sim_demos),
-             "--num-steps", "32", "--eval-freq", "64", "--exp-name", "test_rlco_batched"]  # fmt: skip
+             "--num-steps", "16", "--num-minibatches", "4", "--action-horizon", "3",
+             "--num-action-chunks", "2", "--eval-freq", "64", "--exp-name", "test_rlco_batched"]  # fmt: skip
     out, run = _run(capsys, *flags, "--total-timesteps", "128")
     assert "(physx_cpu, maniskill)" in out and "eval step 128:" in out and "ETA" in out
     out, resumed = _run(capsys, *flags, "--total-timesteps", "192", "--checkpoint", f"{run}/ckpt.pt")
