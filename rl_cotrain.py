@@ -23,13 +23,14 @@ Policy pi_theta(a | o) over an action chunk a in R^{H x A} (H = --action-horizon
 flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
     a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
     a^{k+1} = a^k + v_theta(o, a^k, tau_k) dt + sigma_phi(o, a^k, tau_k) eps_k,   eps_k ~ N(0, I),
-    the env plays the first C = --num-action-chunks actions of clip(a^K, -1, 1), then the policy re-plans;
+    the env plays the first C = --num-action-chunks actions of clip(a^K, -1, 1) mapped to the demos' range
+    [a_lo, a_hi] (a_lo + (a + 1) / 2 (a_hi - a_lo), per action dim), then the policy re-plans;
     an episode that ends inside a chunk drops the chunk's rest. Deterministic evaluation: sigma = 0 (the ODE).
 Chain log-likelihood per executed element a (h < C), averaged over its K+1 terms as in flow_noise_ppo (a^0's
 term does not depend on theta, so it cancels in PPO ratios and is left out):
     l_a = 1/(K+1) sum_k log N(a^{k+1}_a; a^k + v_theta(o, a^k, tau_k) dt, sigma_phi(o, a^k, tau_k)^2)_a
 Supervised flow-matching loss on demo chunks (a = the demo's next H actions, the last repeated past its end,
-o), with tau ~ U(0, 1), eps ~ N(0, I):
+scaled to [-1, 1] by the range of Stage I's demos; o), with tau ~ U(0, 1), eps ~ N(0, I):
     a_tau = (1 - tau) eps + tau a,    L_SFT = E || v_theta(o, a_tau, tau) - (a - eps) ||^2
 Stage I (all modes):  min_theta  L_SFT on D_mix, D_mix = sim-ratio * D_sim + (1 - sim-ratio) * D_real
     (real-only: sim-ratio = 0).
@@ -286,18 +287,29 @@ def mlp(i: int, o: int, h: int = 256, n: int = 3) -> nn.Sequential:
 
 
 class FlowNoisePolicy(nn.Module):
-    """v_theta(o, a, tau) and sigma_phi(o, a, tau); observations normalised with fixed demo statistics."""
+    """v_theta(o, a, tau) and sigma_phi(o, a, tau) over chunks of H actions in R^A, flattened to H * A;
+    observations normalised and actions scaled with fixed statistics of Stage I's demos."""
 
-    def __init__(self, obs_dim, act_dim, K, sigma_min, sigma_max, hidden_dim=256):
+    def __init__(self, obs_dim, A, H, K, sigma_min, sigma_max, hidden_dim=256):
         super().__init__()
-        self.K, self.act_dim, self.sigma_min, self.sigma_max = K, act_dim, sigma_min, sigma_max
-        self.v = mlp(obs_dim + act_dim + 1, act_dim, hidden_dim)
-        self.noise = mlp(obs_dim + act_dim + 1, act_dim, h=64, n=2)
+        self.K, self.act_dim, self.sigma_min, self.sigma_max = K, H * A, sigma_min, sigma_max
+        self.v = mlp(obs_dim + H * A + 1, H * A, hidden_dim)
+        self.noise = mlp(obs_dim + H * A + 1, H * A, h=64, n=2)
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
+        # the demos' action range: motion-planned moves span little of [-1, 1], and sigma is in a's units
+        self.register_buffer("act_low", -torch.ones(A))
+        self.register_buffer("act_high", torch.ones(A))
 
     def norm(self, o):  # clipped as in flow_noise_ppo: features the demos hold constant vary on-policy
         return ((o - self.obs_mean) / self.obs_std).clamp(-10, 10)
+
+    def to_env(self, a):  # (..., A) in [-1, 1] -> [act_low, act_high]
+        return self.act_low + (a.clamp(-1, 1) + 1) / 2 * (self.act_high - self.act_low)
+
+    def from_env(self, a):  # the inverse, for demo actions (B, H * A)
+        a = a.unflatten(-1, (-1, len(self.act_low)))
+        return (2 * (a - self.act_low) / (self.act_high - self.act_low) - 1).flatten(-2)
 
     def velocity(self, o_n, a, tau):
         return self.v(torch.cat([o_n, a, tau], -1))
@@ -624,9 +636,10 @@ def demo_chunks(trajs, H: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- plumbing: evaluation and checkpoints
-def chunk_actions(chain, A: int, C: int) -> torch.Tensor:
-    """The env actions of chains (B, K+1, H*A): the first C actions of clip(a^K, -1, 1), (B, C, A)."""
-    return chain[:, -1].clamp(-1, 1).view(chain.shape[0], -1, A)[:, :C]
+def chunk_actions(policy, chain, C: int) -> torch.Tensor:
+    """The env actions of chains (B, K+1, H*A): the first C actions of clip(a^K, -1, 1) in the demos' range,
+    (B, C, A)."""
+    return policy.to_env(chain[:, -1].unflatten(-1, (-1, len(policy.act_low)))[:, :C])
 
 
 @torch.no_grad()
@@ -644,7 +657,7 @@ def evaluate(policy, envs: VecEnv, domains: dict, n: int, seed: int, C: int) -> 
             alive = torch.ones(envs.num_envs, dtype=torch.bool, device=envs.device)
             while alive.any():
                 chain = sample_chain(policy, o, deterministic=True, generator=generator)
-                o = step_chunk(envs, chunk_actions(chain, envs.act_dim, C), alive, ep)[0]
+                o = step_chunk(envs, chunk_actions(policy, chain, C), alive, ep)[0]
             for k, v in ep.items():
                 stats[k] += v[: n - start].tolist()
         results[domain] = {k: float(np.mean(v)) for k, v in stats.items()}
@@ -764,13 +777,15 @@ def main(args: Args):
         fail(f"{args.demo_path} has obs/action dims {'/'.join(map(str, dims.pop()))}, "
              f"{args.env_id} {obs_dim}/{A}: pass demos made for this task")  # fmt: skip
     K, H, C = args.denoising_steps, args.action_horizon, args.num_action_chunks
-    policy = FlowNoisePolicy(obs_dim, H * A, K, args.sigma_min, args.sigma_max, args.hidden_dim).to(device)
+    policy = FlowNoisePolicy(obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.hidden_dim).to(device)
     critic = mlp(obs_dim, 1, args.hidden_dim).to(device)
     actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
     nets = {"policy": policy, "critic": critic, "actor_opt": actor_opt, "critic_opt": critic_opt}
     start_iter, global_step = 0, 0
     if ckpt is not None:
+        for key, fill in (("act_low", -1.0), ("act_high", 1.0)):  # checkpoints from before the demos' range
+            ckpt["policy"].setdefault(key, torch.full((A,), fill))
         try:
             for name, net in nets.items():
                 net.load_state_dict(ckpt[name])
@@ -803,6 +818,14 @@ def main(args: Args):
     sim_o, sim_a = (None, None)
     if sim_demos:
         sim_o, sim_a = (torch.as_tensor(x, device=device) for x in demo_chunks(sim_demos, H))
+    if ckpt is None:  # the demos Stage I trains on fix o's mean and std and a's range per action dim
+        used = [(sim_o, sim_a)] * (sim_ratio > 0) + [(real_o, real_a)] * (sim_ratio < 1)
+        all_o, all_a = (torch.cat(x) for x in zip(*used, strict=True))
+        policy.obs_mean.copy_(all_o.mean(0))
+        policy.obs_std.copy_(all_o.std(0).clamp_min(1e-2))  # constant features (e.g. zero qvel) stay finite
+        policy.act_low.copy_(all_a.view(-1, A).amin(0))
+        policy.act_high.copy_(torch.maximum(all_a.view(-1, A).amax(0), policy.act_low + 1e-3))
+    real_a, sim_a = policy.from_env(real_a), None if sim_a is None else policy.from_env(sim_a)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -859,9 +882,6 @@ def main(args: Args):
 
     # ---- ALGO LOGIC: Stage I, SFT warm start on the real/sim mixture ----
     if ckpt is None:
-        all_o = real_o if sim_o is None else torch.cat([sim_o, real_o])
-        policy.obs_mean.copy_(all_o.mean(0))
-        policy.obs_std.copy_(all_o.std(0).clamp_min(1e-2))  # constant features (e.g. zero qvel) stay finite
         sft_opt = torch.optim.Adam(policy.v.parameters(), lr=args.sft_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(sft_opt, max(args.sft_steps, 1))
         t0 = time.time()
@@ -905,7 +925,7 @@ def main(args: Args):
                 val_b[t] = critic(policy.norm(next_obs)).squeeze(-1)
             chain_b[t] = chain
             alive = torch.ones(N, dtype=torch.bool, device=device)
-            obs, r, end_obs, cut = step_chunk(envs, chunk_actions(chain, A, C), alive, ep)
+            obs, r, end_obs, cut = step_chunk(envs, chunk_actions(policy, chain, C), alive, ep)
             if cut.any():  # a truncated episode is bootstrapped with V(its last obs)
                 with torch.no_grad():
                     r = torch.where(cut, r + args.gamma * critic(policy.norm(end_obs)).squeeze(-1), r)

@@ -107,6 +107,8 @@ MUTANTS: list[Mutant] = [
     Mutant("rl_cotrain", "log-likelihood not averaged over the K+1 terms", "log_prob(chain[:, 1:]).sum(1)[:, :executed] / chain.shape[1]", "log_prob(chain[:, 1:]).sum(1)[:, :executed]", "chain_log_prob_matches"),
     Mutant("rl_cotrain", "log-likelihood over the whole chunk, not the C played actions", ".sum(1)[:, :executed] / chain.shape[1]", ".sum(1) / chain.shape[1]", "chain_log_prob_matches"),
     Mutant("rl_cotrain", "an env that ended mid-chunk keeps earning the chunk's later rewards", "        reward += r * alive\n", "        reward += r\n", "leftover"),
+    Mutant("rl_cotrain", "env actions ignore the demos' range", "return self.act_low + (a.clamp(-1, 1) + 1) / 2 * (self.act_high - self.act_low)", "return a.clamp(-1, 1)", "leftover"),
+    Mutant("rl_cotrain", "demos' range from every demo, not Stage I's", "used = [(sim_o, sim_a)] * (sim_ratio > 0) + [(real_o, real_a)] * (sim_ratio < 1)", "used = [(sim_o, sim_a)] * (sim_ratio > 0) + [(real_o, real_a)]", "demos_range"),
     Mutant("rl_cotrain", "normalised observations not clipped", "return ((o - self.obs_mean) / self.obs_std).clamp(-10, 10)", "return (o - self.obs_mean) / self.obs_std", "chain_log_prob_matches"),
     # risk_pomdp
     Mutant("risk_pomdp", "emissions counted against the next hidden state", "N_O[b, h, s[:, :-1], o] += 1", "N_O[b, h, s[:, 1:], o] += 1", "hindsight"),

@@ -231,18 +231,17 @@ def rollout(S, args, seconds: float) -> tuple[float, float]:
             st["obs"] = S.step_chunk(envs, agent.to_env(chain[:, -1, :C]), st["ep"], dev)[0]
             return N * C
     else:  # rl_cotrain
-        policy = S.FlowNoisePolicy(
-            obs_dim, A, args.denoising_steps, args.sigma_min, args.sigma_max, args.hidden_dim
-        )
+        K, H = args.denoising_steps, 1
+        policy = S.FlowNoisePolicy(obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.hidden_dim)
         critic = S.mlp(obs_dim, 1, args.hidden_dim)
         st["obs"] = envs.reset([1 + i for i in range(N)], rebuild=True)
 
         def step():
             with torch.no_grad():
                 chain = S.sample_chain(policy, st["obs"])
-                S.chain_log_prob(policy, st["obs"], chain, args.logprob_type)
-                critic(st["obs"])
-            obs, _, term, trunc, _ = envs.step(chain[:, -1].clamp(-1, 1))
+                S.chain_log_prob(policy, st["obs"], chain, args.logprob_type, A)
+                critic(policy.norm(st["obs"]))
+            obs, _, term, trunc, _ = envs.step(S.chunk_actions(policy, chain, 1)[:, 0])
             st["obs"] = envs.reset_done(term | trunc, obs)
             return N
 

@@ -24,7 +24,7 @@ TINY = ["--max-episode-steps", "30", "--eval-episodes", "1", "--real-demos", "2"
 
 def tiny_policy(seed=0, K=3, sigma_max=0.3):
     torch.manual_seed(seed)
-    return rc.FlowNoisePolicy(obs_dim=6, act_dim=2, K=K, sigma_min=0.05, sigma_max=sigma_max, hidden_dim=64)
+    return rc.FlowNoisePolicy(obs_dim=6, A=2, H=1, K=K, sigma_min=0.05, sigma_max=sigma_max, hidden_dim=64)
 
 
 def test_chain_log_prob_matches_step_by_step_gaussians():
@@ -228,10 +228,34 @@ def test_episode_end_inside_a_chunk_drops_the_leftover_actions():
     assert ep["success_once"].tolist() == [True, False, False]
     assert len(Envs.played) == 4
     assert ep["success_at_end"].tolist() == [True, False, False]
-    # the chunk's env actions are the first C of clip(a^K): (B, K+1, H*A) -> (B, C, A)
+    # the chunk's env actions are the first C of clip(a^K): (B, K+1, H*A) -> (B, C, A), in the demos' range
+    policy = rc.FlowNoisePolicy(obs_dim=1, A=2, H=3, K=2, sigma_min=0.05, sigma_max=0.1, hidden_dim=8)
     chain = torch.zeros(2, 3, 6)
     chain[:, -1] = torch.tensor([0.5, 2.0, -3.0, 0.25, 0.75, 0.125])
-    assert rc.chunk_actions(chain, A=2, C=2)[0].tolist() == [[0.5, 1.0], [-1.0, 0.25]]
+    assert rc.chunk_actions(policy, chain, C=2)[0].tolist() == [[0.5, 1.0], [-1.0, 0.25]]
+    policy.act_low.copy_(torch.tensor([0.0, -0.1]))
+    policy.act_high.copy_(torch.tensor([0.2, 0.1]))
+    expected = torch.tensor([[0.15, 0.1], [0.0, 0.025]])
+    torch.testing.assert_close(rc.chunk_actions(policy, chain, C=2)[0], expected)
+    # from_env is its inverse on demo chunks (B, H*A): the demos' range becomes [-1, 1]
+    a = torch.tensor([[0.0, -0.1, 0.2, 0.1, 0.05, 0.0]])
+    torch.testing.assert_close(policy.from_env(a), torch.tensor([[-1.0, -1.0, 1.0, 1.0, -0.5, 0.0]]))
+    torch.testing.assert_close(policy.to_env(policy.from_env(a).view(1, 3, 2)).flatten(1), a)
+
+
+def test_stage_one_maps_its_demos_range_to_minus_one_one(sim_demos, tmp_path, capsys):
+    """Small demo moves (as the motion planner's) span [-1, 1] for the flow: the range of the demos Stage I
+    trains on (--sim-ratio 1: sim only), per action dim, is kept in the checkpoint."""
+    small = tmp_path / "small.h5"
+    with h5py.File(sim_demos) as f, h5py.File(small, "w") as g:
+        for key in f:
+            g[f"{key}/obs"], g[f"{key}/actions"] = f[key]["obs"][()], 0.25 * f[key]["actions"][()]
+    acts = np.concatenate([a for _, a in rc.load_sim_demos(str(small), None)])
+    _, run = _run(capsys, "--mode", "sft-cotrain", "--sim-ratio", "1", "--demo-path", str(small))
+    policy = torch.load(run / "sft.pt", weights_only=False)["policy"]
+    np.testing.assert_allclose(policy["act_low"].numpy(), acts.min(0))
+    np.testing.assert_allclose(policy["act_high"].numpy(), acts.max(0))
+    assert (acts.max(0) - acts.min(0)).max() <= 0.5 + 1e-6
 
 
 def test_parse_shift_and_bad_items():
