@@ -207,6 +207,8 @@ def plot(out_dir):
                     best_mean=round(ret.max(1).mean(), 1),
                     auc_mean=round(ret.mean(), 1),
                     drop_from_best=round((ret.max(1) - ret[:, -1]).mean(), 1),
+                    # collapses: evaluations below half the previous one, where that one was >= 300
+                    falls=int(((ret[:, :-1] >= 300) & (ret[:, 1:] < ret[:, :-1] / 2)).sum()),
                     wall_min=round(wall[-1], 1),
                 )
             )
@@ -224,14 +226,14 @@ def plot(out_dir):
         w.writerows(summary)
     print(
         "| env | policy | seeds | env steps | final return | best return (mean of seeds) | mean over evals "
-        "| drop from best | wall min |"
+        "| drop from best | falls | wall min |"
     )
-    print("|-|-|-|-|-|-|-|-|-|")
+    print("|-|-|-|-|-|-|-|-|-|-|")
     for r in summary:
         print(
             f"| {r['env']} | {r['variant']} | {r['seeds']} | {r['steps']} "
             f"| {r['final_mean']} ± {r['final_std']} | "
-            f"{r['best_mean']} | {r['auc_mean']} | {r['drop_from_best']} | {r['wall_min']} |"
+            f"{r['best_mean']} | {r['auc_mean']} | {r['drop_from_best']} | {r['falls']} | {r['wall_min']} |"
         )
     diagnostics(out_dir, envs, plt)
 
