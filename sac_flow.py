@@ -33,6 +33,8 @@ SAC (Haarnoja et al. 2018, with the twin-Q and α-tuning of CleanRL's sac_contin
     y       = r + γ (1 − d) (min_j Q̄_j(s', a') − α log π(a'|s')),   a' ~ π(·|s')   (d = 0 on ManiSkill, where
               a termination is a success: ManiSkill's SAC baseline bootstraps through it too)
     L_Q     = Σ_j E[(Q_j(s, a) − y)²]
+              (--crossq, CrossQ as in the official from-scratch code: batch-normalised Q_j, no target
+              network: Q̄_j(s', a') = Q_j(s', a') without gradient, from Q_j(s, a)'s training-mode pass)
     L_π     = E[α log π(ã|s) − min_j Q_j(s, ã)] + β E_demo[‖ã(s_d) − a_d‖²]   (β > 0 only with demos)
     L_α     = E[−α (log π(ã|s) + H̄)],   H̄ = −|A| by default
 Offline-to-online (--demo-path): first pretrain on demos with the flow-matching loss
@@ -144,6 +146,9 @@ class Args:
     """initial entropy coefficient α (then tuned)"""
     target_entropy: float | None = None
     """H̄ (default −|A|)"""
+    crossq: bool = False
+    """CrossQ's critic (the official from-scratch SAC Flow code's): batch norm instead of LayerNorm, no target
+    network; Q(s', a') comes from the same training-mode pass as Q(s, a)"""
 
     # Flow policy
     velocity: Literal["g", "t", "naive"] = "g"
@@ -195,6 +200,18 @@ def policy_log_prob(xs, mus, sigma, c) -> torch.Tensor:
 def soft_q_target(r, term, gamma, q1_next, q2_next, log_pi_next, alpha):
     """y = r + γ (1 − d) (min_j Q̄_j(s', a') − α log π(a'|s'))."""
     return r + gamma * (1.0 - term) * (torch.min(q1_next, q2_next) - alpha * log_pi_next)
+
+
+def q_and_next_q(qf, qf_target, s, a, s2, a2, crossq: bool):
+    """(Q_1, Q_2)(s, a) and the TD target's (Q̄_1, Q̄_2)(s', a'), the latter without gradient: from the target
+    network, or (CrossQ) from one training-mode pass of qf over [(s, a); (s', a')], whose halves share the
+    batch-norm statistics."""
+    if crossq:
+        q1, q2 = (q.chunk(2) for q in qf(torch.cat([s, s2]), torch.cat([a, a2])))
+        return (q1[0], q2[0]), (q1[1].detach(), q2[1].detach())
+    with torch.no_grad():
+        q_next = qf_target(s2, a2)
+    return qf(s, a), q_next
 
 
 def critic_loss(q1, q2, y):
@@ -286,15 +303,23 @@ class FlowPolicy(nn.Module):
 
 class SoftQ(nn.Module):
     """Twin Q_1, Q_2: CleanRL's SoftQNetwork with LayerNorm after each hidden layer (ManiSkill's SAC baseline
-    uses q_layer_norm=True by default)."""
+    uses q_layer_norm=True by default); batch_norm: CrossQ's, batch norm on the input and after each hidden
+    layer (ε and running-average rate of the official code's)."""
 
-    def __init__(self, obs_dim, act_dim, hidden):
+    def __init__(self, obs_dim, act_dim, hidden, batch_norm=False):
         super().__init__()
-        self.qs = nn.ModuleList(
-            nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-                          nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, 1))
-            for _ in range(2)
-        )  # fmt: skip
+        i, h = obs_dim + act_dim, hidden
+
+        def q_net():
+            if batch_norm:  # CrossQ's order: the input of every linear layer is normalised
+                bn = lambda n: nn.BatchNorm1d(n, eps=1e-3, momentum=0.01)  # noqa: E731
+                layers = [bn(i), nn.Linear(i, h), nn.ReLU(), bn(h), nn.Linear(h, h), nn.ReLU(), bn(h)]
+            else:
+                ln = nn.LayerNorm
+                layers = [nn.Linear(i, h), ln(h), nn.ReLU(), nn.Linear(h, h), ln(h), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(h, 1))
+
+        self.qs = nn.ModuleList(q_net() for _ in range(2))
 
     def forward(self, s, a):
         sa = torch.cat([s, a], -1)
@@ -621,8 +646,8 @@ def main(args: Args):
     policy = FlowPolicy(obs_dim, act_dim, args.velocity, args.denoising_steps, args.hidden_dim,
                         args.transformer_dim, (hi - lo) / 2, (hi + lo) / 2, args.log_sigma_min,
                         args.log_sigma_max).to(device)  # fmt: skip
-    qf = SoftQ(obs_dim, act_dim, args.hidden_dim).to(device)
-    qf_target = SoftQ(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf = SoftQ(obs_dim, act_dim, args.hidden_dim, args.crossq).to(device)
+    qf_target = SoftQ(obs_dim, act_dim, args.hidden_dim, args.crossq).to(device)  # unused with --crossq
     qf_target.load_state_dict(qf.state_dict())
     log_alpha = torch.tensor(np.log(args.alpha_init), device=device, requires_grad=True)
     target_entropy = args.target_entropy if args.target_entropy is not None else -float(act_dim)
@@ -696,6 +721,8 @@ def main(args: Args):
         print(f"checkpoint {path}", flush=True)
 
     def target_update():
+        if args.crossq:
+            return
         with torch.no_grad():
             for p, p_t in zip(qf.parameters(), qf_target.parameters(), strict=True):
                 p_t.lerp_(p, args.tau)
@@ -704,12 +731,12 @@ def main(args: Args):
         alpha = log_alpha.exp().detach()
         with torch.no_grad():
             a2, logp2 = policy(s2)
-            y = soft_q_target(r, stop * d, args.gamma, *qf_target(s2, a2), logp2, alpha)
-        q_loss = critic_loss(*qf(s, a), y)
+        q, q_next = q_and_next_q(qf, qf_target, s, a, s2, a2, args.crossq)
+        q_loss = critic_loss(*q, soft_q_target(r, stop * d, args.gamma, *q_next, logp2, alpha))
         descend(opts["q"], q_loss)
         logs = dict(qf_loss=q_loss, alpha=alpha)
         if actor:
-            qf.requires_grad_(False)  # the actor loss needs dQ/da, not dQ/dθ_Q
+            qf.requires_grad_(False).eval()  # dQ/da, not dQ/dθ_Q; batch norm on its running statistics
             n = len(s)  # one rollout for the SAC states and the demo states of the BC term
             a_pi, logp = policy(s if bc_batch is None else torch.cat([s, bc_batch[0]]))
             a_pi, logp, a_bc = a_pi[:n], logp[:n], a_pi[n:]
@@ -717,7 +744,7 @@ def main(args: Args):
             if bc_batch is not None:
                 pi_loss = pi_loss + args.bc_coef * ((a_bc - bc_batch[1]) ** 2).sum(-1).mean()
             descend(opts["actor"], pi_loss)
-            qf.requires_grad_(True)
+            qf.requires_grad_(True).train()
             a_loss = alpha_loss(log_alpha, logp, target_entropy)
             descend(opts["alpha"], a_loss)
             logs |= dict(actor_loss=pi_loss, alpha_loss=a_loss, log_pi=logp.mean())
@@ -732,8 +759,9 @@ def main(args: Args):
             descend(opts["actor"], fm)
             with torch.no_grad():
                 a2, _ = policy(s2, deterministic=True)
-                y = soft_q_target(r, stop * d, args.gamma, *qf_target(s2, a2), torch.zeros_like(r), 0.0)
-            q_loss = critic_loss(*qf(s, a), y)
+            q, q_next = q_and_next_q(qf, qf_target, s, a, s2, a2, args.crossq)
+            y = soft_q_target(r, stop * d, args.gamma, *q_next, torch.zeros_like(r), 0.0)
+            q_loss = critic_loss(*q, y)
             descend(opts["q"], q_loss)
             target_update()
             check_finite({"fm_loss": fm, "qf_loss": q_loss}, f"0 (sft update {i})", ckpt_path)

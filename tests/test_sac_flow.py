@@ -148,6 +148,25 @@ def test_loss_values_by_hand():
     assert sac_flow.alpha_loss(torch.tensor(0.0), one(-1.0), -2.0).item() == pytest.approx(3)  # −α(logπ + H̄)
 
 
+def test_crossq_next_q_shares_the_batch_norm_pass_and_has_no_gradient():
+    """CrossQ: Q(s', a') from the same training-mode pass as Q(s, a) (statistics of the joint batch),
+    detached, and no target network; otherwise Q̄ is the target network's."""
+    torch.manual_seed(0)
+    qf, qf_target = sac_flow.SoftQ(3, 2, 8, batch_norm=True).to(F64), sac_flow.SoftQ(3, 2, 8).to(F64)
+    s, s2 = torch.randn(5, 3, dtype=F64), torch.randn(5, 3, dtype=F64) + 2.0
+    a, a2 = torch.randn(5, 2, dtype=F64), torch.randn(5, 2, dtype=F64)
+    joint = [q.detach().clone() for q in qf(torch.cat([s, s2]), torch.cat([a, a2]))]
+    separate = qf(s2, a2)  # s2 alone: other batch statistics
+    (q1, q2), (q1n, q2n) = sac_flow.q_and_next_q(qf, qf_target, s, a, s2, a2, crossq=True)
+    assert torch.allclose(q1, joint[0][:5]) and torch.allclose(q2n, joint[1][5:])
+    assert not torch.allclose(q1n, separate[0])
+    assert q1.requires_grad and not q1n.requires_grad and not q2n.requires_grad
+    qf = sac_flow.SoftQ(3, 2, 8).to(F64)
+    (q1, _), (q1n, _) = sac_flow.q_and_next_q(qf, qf_target, s, a, s2, a2, crossq=False)
+    assert torch.allclose(q1n, qf_target(s2, a2)[0]) and torch.allclose(q1, qf(s, a)[0])
+    assert q1.requires_grad and not q1n.requires_grad
+
+
 def scored_means(policy, s, xs):
     """μ_k = x_k + Δt v_θ(k/K, x_k, s) from a given chain (the paper's formula, written independently)."""
     e_s, sigma = policy.encode(s)
@@ -289,9 +308,10 @@ def test_same_seed_same_scalars(tmp_path, monkeypatch, pendulum_runs):
     assert len(a["charts/episodic_return"]) == 6 and len(a["eval/return"]) == 3 and a == b
 
 
-def test_resumed_run_logs_what_the_unbroken_run_logs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("crossq", [False, True])  # batch norm's running statistics are resumed too
+def test_resumed_run_logs_what_the_unbroken_run_logs(tmp_path, monkeypatch, crossq):
     monkeypatch.chdir(tmp_path)
-    common = dict(eval_freq=200, policy_frequency=3, **PENDULUM)  # the update count is resumed too
+    common = dict(eval_freq=200, policy_frequency=3, crossq=crossq, **PENDULUM)  # the update count is resumed
     run_main(tiny_args(exp_name="whole", total_timesteps=400, **common))
     ckpt = checkpoint_in(run_main(tiny_args(exp_name="part", total_timesteps=200, **common)))  # at step 200
     out = run_main(tiny_args(exp_name="resumed", total_timesteps=400, checkpoint=ckpt, **common))
