@@ -7,13 +7,15 @@ squashing) and keeps SAC's entropy target H̄ = −|A|. For the flows it also re
 interval, the actor loss's gradient at each intermediate flow state, the batch mean of ‖∂L_π/∂x_k‖
 (k = 1..K−1: x_0 does not depend on θ, x_K only enters the squash), and the actor's parameter-gradient norm:
 the paper's claim is that the naive flow's gradients explode or vanish through the K steps while Flow-G's
-and Flow-T's do not.
+and Flow-T's do not. Every variant also records the evaluation episodes' mean length (ep_len): Hopper and
+Walker2d pay 1 per step alive, so return − ep_len is the forward-progress term (Σ v_x, less a small control
+cost), which tells a policy that stands for 1000 steps (≈ 1000, ≈ 0) from one that hops.
 
   OMP_NUM_THREADS=1 python bench/sac_flow_mujoco.py --variant g --env-id Hopper-v5 --seed 1   # one run
   python bench/sac_flow_mujoco.py --plot   # results/sac_flow/mujoco.csv, mujoco.png, mujoco_diagnostics.png
-Extra sac_flow flags go after `--` (... --seed 1 -- --utd 1). A run writes its eval.csv and gradient norms to
-results/sac_flow/mujoco/<env>_<variant>_s<seed>.csv, ..._grads.csv and ..._train.csv (α, log π, critic loss);
-its run directory stays under runs/.
+Extra sac_flow flags go after `--` (... --seed 1 -- --utd 1). A run writes its eval.csv, gradient norms and
+ep_len to results/sac_flow/mujoco/<env>_<variant>_s<seed>.csv and ..._grads.csv, and ..._train.csv (α, log π,
+critic loss); its run directory stays under runs/.
 """
 
 import argparse
@@ -124,9 +126,14 @@ def run(a, extra, out_dir):
 
     def evaluate_and_note_grads(*eval_args, **kw):  # called at steps 0, eval_freq, 2 eval_freq, ..., the end
         step = min(len(rows) * args.eval_freq, args.total_timesteps)
-        rows.append({"step": step} | {k: float(np.mean(v)) for k, v in RecordedFlow.grads.items()})
+        episodes = kw.setdefault("episodes", [])
+        result = evaluate(*eval_args, **kw)
+        ep_len = float(np.mean([len(obs) for obs, _, _ in episodes]))
+        rows.append(
+            {"step": step, "ep_len": ep_len} | {k: float(np.mean(v)) for k, v in RecordedFlow.grads.items()}
+        )
         RecordedFlow.grads.clear()
-        return evaluate(*eval_args, **kw)
+        return result
 
     sf.evaluate = evaluate_and_note_grads
     sf.main(args)
@@ -135,13 +142,12 @@ def run(a, extra, out_dir):
     name = out_dir / f"{a.env_id}_{a.variant}_s{a.seed}"
     shutil.copy(f"{run_dir}/eval.csv", f"{name}.csv")
     write_train_scalars(run_dir, f"{name}_train.csv")
-    if a.variant != "gaussian":
-        keys = sorted({k for r in rows for k in r} - {"step"})
-        with open(f"{name}_grads.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, ["step", *keys])
-            w.writeheader()
-            w.writerows(rows)
-    print(f"wrote {name}.csv" + ("" if a.variant == "gaussian" else f" and {name}_grads.csv"))
+    keys = sorted({k for r in rows for k in r} - {"step"})
+    with open(f"{name}_grads.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["step", *keys])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {name}.csv and {name}_grads.csv")
 
 
 def write_train_scalars(run_dir, path):
