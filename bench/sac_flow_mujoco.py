@@ -9,13 +9,15 @@ interval, the actor loss's gradient at each intermediate flow state, the batch m
 the paper's claim is that the naive flow's gradients explode or vanish through the K steps while Flow-G's
 and Flow-T's do not. Every variant also records the evaluation episodes' mean length (ep_len): Hopper and
 Walker2d pay 1 per step alive, so return − ep_len is the forward-progress term (Σ v_x, less a small control
-cost), which tells a policy that stands for 1000 steps (≈ 1000, ≈ 0) from one that hops.
+cost), which tells a policy that stands for 1000 steps (≈ 1000, ≈ 0) from one that hops. The same initial
+states are also played by the stochastic policy (the chain with its noise, what training plays;
+return_stochastic, ep_len_stochastic), to tell a fall of the policy from one of its noise-free evaluation.
 
   OMP_NUM_THREADS=1 python bench/sac_flow_mujoco.py --variant g --env-id Hopper-v5 --seed 1   # one run
   python bench/sac_flow_mujoco.py --plot   # results/sac_flow/mujoco.csv, mujoco.png, mujoco_diagnostics.png
-Extra sac_flow flags go after `--` (... --seed 1 -- --utd 1). A run writes its eval.csv, gradient norms and
-ep_len to results/sac_flow/mujoco/<env>_<variant>_s<seed>.csv and ..._grads.csv, and ..._train.csv (α, log π,
-critic loss); its run directory stays under runs/.
+Extra sac_flow flags go after `--` (... --seed 1 -- --utd 1). A run writes its eval.csv, gradient norms,
+episode lengths and the stochastic policy's returns to results/sac_flow/mujoco/<env>_<variant>_s<seed>.csv and
+..._grads.csv, and ..._train.csv (α, log π, critic loss); its run directory stays under runs/.
 """
 
 import argparse
@@ -83,6 +85,17 @@ class RecordedFlow(sf.FlowPolicy):
         return super().velocity(t, x, e_s)
 
 
+class Stochastic:
+    """The policy as evaluate() calls it, with the training chain's noise (every ε_k), not x_{k+1} = μ_k:
+    the returns the official scripts report are this stochastic policy's."""
+
+    def __init__(self, policy):
+        self.policy, self.K, self.c = policy, policy.K, policy.c
+
+    def __call__(self, s, eps, deterministic=False):
+        return self.policy(s, eps, deterministic=False)
+
+
 def record_actor_grad_norm(opt, args, kwargs):
     """Optimizer pre-step hook: the total parameter-gradient norm when the optimiser is the actor's."""
     if (
@@ -124,15 +137,19 @@ def run(a, extra, out_dir):
         register_optimizer_step_pre_hook(record_actor_grad_norm)
     evaluate, rows = sf.evaluate, []
 
-    def evaluate_and_note_grads(*eval_args, **kw):  # called at steps 0, eval_freq, 2 eval_freq, ..., the end
+    def evaluate_and_note_grads(
+        policy, *eval_args
+    ):  # called at steps 0, eval_freq, 2 eval_freq, ..., the end
         step = min(len(rows) * args.eval_freq, args.total_timesteps)
-        episodes = kw.setdefault("episodes", [])
-        result = evaluate(*eval_args, **kw)
-        ep_len = float(np.mean([len(obs) for obs, _, _ in episodes]))
-        rows.append(
-            {"step": step, "ep_len": ep_len} | {k: float(np.mean(v)) for k, v in RecordedFlow.grads.items()}
-        )
+        row = {"step": step} | {k: float(np.mean(v)) for k, v in RecordedFlow.grads.items()}
         RecordedFlow.grads.clear()
+        noise_free, stochastic = [], []  # (obs, actions, return) per episode, from the same initial states
+        result = evaluate(policy, *eval_args, episodes=noise_free)
+        evaluate(Stochastic(policy), *eval_args, episodes=stochastic)
+        for name, episodes in (("", noise_free), ("_stochastic", stochastic)):
+            row[f"return{name}"] = float(np.mean([g for _, _, g in episodes]))
+            row[f"ep_len{name}"] = float(np.mean([len(obs) for obs, _, _ in episodes]))
+        rows.append(row)
         return result
 
     sf.evaluate = evaluate_and_note_grads
