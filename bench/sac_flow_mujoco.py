@@ -137,9 +137,8 @@ def run(a, extra, out_dir):
         register_optimizer_step_pre_hook(record_actor_grad_norm)
     evaluate, rows = sf.evaluate, []
 
-    def evaluate_and_note_grads(
-        policy, *eval_args
-    ):  # called at steps 0, eval_freq, 2 eval_freq, ..., the end
+    def evaluate_and_note_grads(policy, *eval_args):
+        """Called at steps 0, eval_freq, 2 eval_freq, ..., the end."""
         step = min(len(rows) * args.eval_freq, args.total_timesteps)
         row = {"step": step} | {k: float(np.mean(v)) for k, v in RecordedFlow.grads.items()}
         RecordedFlow.grads.clear()
