@@ -48,8 +48,9 @@ Why the defaults are what they are: γ = 0.8, bootstrapping through terminations
 probes (H̄ = 0 with α_0 = 0.2 as the official from-scratch code; CleanRL's schedule of one critic update per
 env step, the actor at every 2nd (--policy-frequency 2), τ = 0.005), although they are not stable there: log π
 of the chain starts near −22 (σ near its upper bound while α is large), so α falls at Adam's full rate to
-~0.005 (a Gaussian actor in the same loop settles at ~0.05), and Flow-G can peak early and fall back
-(bench/sac_flow_mujoco.py, README); at 100k steps neither --utd 1 nor --crossq measured better on both
+~0.005 (a Gaussian actor in the same loop settles at ~0.05), and Flow-G falls back now and then (briefly on
+Hopper-v5, whose early peak near 1000 is the noise-free policy standing still; an unstable gait on
+Walker2d-v5: bench/sac_flow_mujoco.py, README); at 100k steps neither --utd 1 nor --crossq measured better on both
 Hopper-v5 and Walker2d-v5 (results/sac_flow/mujoco_probes/COMMANDS.md). With demos, c and b come from the
 demos' range, as in every script: on PickCube-v1 offline-to-online it rose earlier than with the env's
 bounds in both seeds (0.45 / 0.55 at 50k against 0.30 / 0.35) and ended at 0.79 / 0.96 against 0.96 / 0.92
