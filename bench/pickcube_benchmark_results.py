@@ -74,11 +74,11 @@ def markdown(summary) -> str:
             if e is None:
                 cells.append("")
                 continue
-            seeds = "" if e["seeds"] == n_seeds[row] else f" ({e['seeds']} seeds)"
+            seeds = "" if e["seeds"] == n_seeds[row] else f" ({e['seeds']} seed{'s' * (e['seeds'] > 1)})"
             cells.append(f"{e['success_once_mean']:.2f} ± {e['success_once_std']:.2f}{seeds}")
         last = cell[(row, max(s for r, s in cell if r == row))]
         wall = f"{last['wall_min_mean']:.1f} ± {last['wall_min_std']:.1f}"
-        label = f"{LABEL.get(row, row)} ({n_seeds[row]} seeds)"
+        label = f"{LABEL.get(row, row)} ({n_seeds[row]} seed{'s' * (n_seeds[row] > 1)})"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines)
 
