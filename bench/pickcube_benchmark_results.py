@@ -59,6 +59,10 @@ def steps_label(step: int) -> str:
     return "SFT (0)" if step == 0 else f"{step / 1000:g}k"
 
 
+def n_of(seeds: int) -> str:
+    return f"{seeds} seed" + "s" * (seeds != 1)
+
+
 def markdown(summary) -> str:
     """Rows x marks of success_once mean ± std (seeds), and the wall minutes to the row's last mark."""
     steps = sorted({e["step"] for e in summary})
@@ -74,11 +78,11 @@ def markdown(summary) -> str:
             if e is None:
                 cells.append("")
                 continue
-            seeds = "" if e["seeds"] == n_seeds[row] else f" ({e['seeds']} seed{'s' * (e['seeds'] > 1)})"
+            seeds = "" if e["seeds"] == n_seeds[row] else f" ({n_of(e['seeds'])})"
             cells.append(f"{e['success_once_mean']:.2f} ± {e['success_once_std']:.2f}{seeds}")
         last = cell[(row, max(s for r, s in cell if r == row))]
         wall = f"{last['wall_min_mean']:.1f} ± {last['wall_min_std']:.1f}"
-        label = f"{LABEL.get(row, row)} ({n_seeds[row]} seed{'s' * (n_seeds[row] > 1)})"
+        label = f"{LABEL.get(row, row)} ({n_of(n_seeds[row])})"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines)
 
