@@ -21,7 +21,7 @@ physx_cuda requires.
 
 Policy pi_theta(a | o) over an action chunk a in R^{H x A} (H = --action-horizon, flattened to H*A): a K-step
 flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
-    a^0 ~ N(0, I),  tau_k = k / K,  dt = 1 / K,
+    a^0 ~ N(0, I) (--a0-zero: a^0 = 0),  tau_k = k / K,  dt = 1 / K,
     a^{k+1} = a^k + v_theta(o, a^k, tau_k) dt + sigma_phi(o, a^k, tau_k) eps_k,   eps_k ~ N(0, I),
     the env plays the first C = --num-action-chunks actions of clip(a^K, -1, 1) mapped to the demos' range
     [a_lo, a_hi] (a_lo + (a + 1) / 2 (a_hi - a_lo), per action dim), then the policy re-plans;
@@ -138,6 +138,10 @@ class Args:
     """lower bound of the learned per-step noise std"""
     sigma_max: float = 0.04
     """upper bound of the learned per-step noise std"""
+    a0_zero: bool = False
+    """start every chain at a^0 = 0 instead of a^0 ~ N(0, I), in training and evaluation: the chain's only
+    randomness is then sigma_phi's noise, which PPO's ratios credit (a^0 is not in them, yet on PickCube it
+    decides more outcomes than sigma_phi does: bench/rl_cotrain_outcome_spread.py)"""
     action_horizon: int = 1
     """H: actions predicted per chunk"""
     num_action_chunks: int = 1
@@ -204,9 +208,10 @@ def time_grid(K: int, device=None) -> torch.Tensor:
 @torch.no_grad()
 def sample_chain(policy, o, deterministic=False, generator=None) -> torch.Tensor:
     """The chain a^{0:K}, shape (B, K+1, A), drawn step by step; the action is clip(a^K, -1, 1).
-    deterministic: sigma = 0 (the flow ODE, evaluation); a^0 still comes from N(0, I)."""
+    deterministic: sigma = 0 (the flow ODE, evaluation); a^0 still from N(0, I) (0 if policy.a0_zero)."""
     o_n, dt = policy.norm(o), 1.0 / policy.K
     a = torch.randn(o.shape[0], policy.act_dim, device=o.device, generator=generator)
+    a = a * 0 if policy.a0_zero else a
     chain = [a]
     for tau in time_grid(policy.K, o.device):
         tau = tau.expand(o.shape[0], 1)
@@ -290,9 +295,10 @@ class FlowNoisePolicy(nn.Module):
     """v_theta(o, a, tau) and sigma_phi(o, a, tau) over chunks of H actions in R^A, flattened to H * A;
     observations normalised and actions scaled with fixed statistics of Stage I's demos."""
 
-    def __init__(self, obs_dim, A, H, K, sigma_min, sigma_max, hidden_dim=256):
+    def __init__(self, obs_dim, A, H, K, sigma_min, sigma_max, hidden_dim=256, a0_zero=False):
         super().__init__()
         self.K, self.act_dim, self.sigma_min, self.sigma_max = K, H * A, sigma_min, sigma_max
+        self.a0_zero = a0_zero
         self.v = mlp(obs_dim + H * A + 1, H * A, hidden_dim)
         self.noise = mlp(obs_dim + H * A + 1, H * A, h=64, n=2)
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
@@ -777,7 +783,8 @@ def main(args: Args):
         fail(f"{args.demo_path} has obs/action dims {'/'.join(map(str, dims.pop()))}, "
              f"{args.env_id} {obs_dim}/{A}: pass demos made for this task")  # fmt: skip
     K, H, C = args.denoising_steps, args.action_horizon, args.num_action_chunks
-    policy = FlowNoisePolicy(obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.hidden_dim).to(device)
+    policy = FlowNoisePolicy(obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.hidden_dim, args.a0_zero)
+    policy = policy.to(device)
     critic = mlp(obs_dim, 1, args.hidden_dim).to(device)
     actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)

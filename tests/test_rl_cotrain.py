@@ -46,6 +46,11 @@ def test_chain_log_prob_matches_step_by_step_gaussians():
     c1 = rc.sample_chain(policy, o, deterministic=True, generator=torch.Generator().manual_seed(3))
     c2 = rc.sample_chain(policy, o, deterministic=True, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(c1, c2)
+    # --a0-zero: every chain starts at 0, so the noise-free chain is a function of o alone
+    policy.a0_zero = True
+    c1, c2 = (rc.sample_chain(policy, o, deterministic=True) for _ in range(2))
+    torch.testing.assert_close(c1, c2)
+    assert rc.sample_chain(policy, o)[:, 0].abs().max().item() == 0.0
     # normalised observations are clipped: a feature the demos held constant must not blow up the velocity
     policy.obs_std.fill_(1e-3)
     assert policy.norm(torch.full((1, 6), 5.0)).abs().max().item() == 10.0
