@@ -50,9 +50,10 @@ def episode_pair(policy, envs, seed: int, deterministic: bool, generator, C: int
 
 
 def main(s: Spread):
+    if s.layouts < 1 or s.repeats < 2 or s.repeats % 2:
+        raise SystemExit(f"error: need --layouts >= 1, an even --repeats >= 2; not {s.layouts}, {s.repeats}")
     ckpt = rc.load_checkpoint(s.checkpoint, "PickCube-v1")
     args = rc.Args(**{k: v for k, v in ckpt["args"].items() if k in rc.Args.__dataclass_fields__})
-    args.num_eval_envs = 2
     lo, hi = s.sigma_min or args.sigma_min, s.sigma_max or args.sigma_max
     envs = rc.VecEnv(args, 2, dict(rc.NOMINAL_SHIFT), torch.device("cpu"), evaluation=True)
     H, C, A = args.action_horizon, args.num_action_chunks, envs.act_dim
