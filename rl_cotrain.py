@@ -141,7 +141,8 @@ class Args:
     a0_zero: bool = False
     """start every chain at a^0 = 0 instead of a^0 ~ N(0, I), in training and evaluation: the chain's only
     randomness is then sigma_phi's noise, which PPO's ratios credit (a^0 is not in them, yet on PickCube it
-    decides more outcomes than sigma_phi does: bench/rl_cotrain_outcome_spread.py)"""
+    decides more outcomes than sigma_phi does: bench/rl_cotrain_outcome_spread.py). Like --sigma-min, not read
+    from a checkpoint: pass it again to resume or evaluate one trained with it"""
     action_horizon: int = 1
     """H: actions predicted per chunk"""
     num_action_chunks: int = 1
