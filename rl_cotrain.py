@@ -828,7 +828,8 @@ def main(args: Args):
             ckpt["policy"].setdefault(key, torch.full((A,), fill))
         if psi and "a0_log_std" not in ckpt["policy"]:  # --a0-learned from Stage I: psi starts at N(0, I)
             ckpt["policy"].update({k: v for k, v in policy.state_dict().items() if k.startswith("a0_")})
-            ckpt["actor_opt"] = actor_opt.state_dict()
+            groups = actor_opt.state_dict()["param_groups"]  # theta and phi keep their Adam moments (ids 0..)
+            ckpt["actor_opt"] = {"state": ckpt["actor_opt"]["state"], "param_groups": groups}
         try:
             for name, net in nets.items():
                 net.load_state_dict(ckpt[name])

@@ -68,7 +68,7 @@ ROWS = {
     # README "reinflow.py: ReinFlow", the PickCube fine-tuning command (actor lr 1e-5, the row that did not
     # collapse; results/reinflow/pickcube_ft_lr1e-5.csv); K=4 is the default --denoising-steps. Plus RLinf's
     # relative reward (flow_noise_ppo's lesson): on the normalized dense reward seed 2 fell from 0.18 to 0.00
-    # at 500k, with it 0.18 -> 0.27 (results/benchmark/COMMANDS.md, "What was tried").
+    # at 500k, with it 0.18 -> 0.27; seeds 1 and 3 still end below their start (results/benchmark/)
     "reinflow": ("reinflow.py", f"{SFT_BATCH} --denoising-steps 4 --sigma-min 0.02 --sigma-max 0.05 "
                  "--learning-rate 1e-5 --critic-warmup-iters 5 --target-kl 0.1 --relative-reward",
                  PPO_MARKS),  # fmt: skip
