@@ -510,6 +510,13 @@ def test_learned_a0_starts_from_a_stage_one_checkpoint_and_must_be_passed_again(
     assert ckpt["policy"]["a0_log_std"].abs().max() > 0  # psi trained, from sigma_psi = 1
     lrs = [g["lr"] for g in ckpt["actor_opt"]["param_groups"]]
     assert lrs == [rc.Args.learning_rate, rc.Args.a0_learning_rate]
+    # from a Stage-II checkpoint without psi: theta's and phi's Adam moments carry on, psi's start fresh
+    _, c = _run(capsys, *flags, "--total-timesteps", "64", "--checkpoint", f"{a}/sft.pt",
+                "--exp-name", "test_rlco_a0")  # fmt: skip
+    _, d = _run(capsys, *flags, "--total-timesteps", "96", "--checkpoint", f"{c}/ckpt.pt", "--a0-learned",
+                "--exp-name", "test_rlco_a0")  # fmt: skip
+    before, after = (torch.load(r / "ckpt.pt", weights_only=False)["actor_opt"]["state"] for r in (c, d))
+    assert after[0]["step"] > before[0]["step"] > 0 and 0 < after[len(before)]["step"] < after[0]["step"]
     with pytest.raises(SystemExit) as e:  # resumed without the flag: one line that names it
         _run(capsys, *flags, "--total-timesteps", "96", "--checkpoint", f"{b}/ckpt.pt", "--exp-name", "x")
     assert "--a0-learned if it had it" in str(e.value) and "\n" not in str(e.value)
