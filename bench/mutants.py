@@ -112,6 +112,7 @@ MUTANTS: list[Mutant] = [
     Mutant("rl_cotrain", "learned a^0 sampled with sigma_psi^2", "a = mu_0 if deterministic else mu_0 + sigma_0 * a", "a = mu_0 if deterministic else mu_0 + sigma_0**2 * a", "learned_a0"),
     Mutant("rl_cotrain", "noise-free chain draws a learned a^0", "a = mu_0 if deterministic else mu_0 + sigma_0 * a", "a = mu_0 + sigma_0 * a", "learned_a0"),
     Mutant("rl_cotrain", "Stage II from Stage I without psi's learning rate", "lrs = [args.learning_rate, args.a0_learning_rate][: len(params)]", "lrs = [args.learning_rate] * len(params)", "learned_a0"),
+    Mutant("rl_cotrain", "--a0-learned from a Stage-II checkpoint drops theta's Adam moments", 'ckpt["actor_opt"] = {"state": ckpt["actor_opt"]["state"], "param_groups": groups}', 'ckpt["actor_opt"] = actor_opt.state_dict()', "learned_a0"),
     Mutant("rl_cotrain", "an env that ended mid-chunk keeps earning the chunk's later rewards", "        reward += r * alive\n", "        reward += r\n", "leftover"),
     Mutant("rl_cotrain", "env actions ignore the demos' range", "return self.act_low + (a.clamp(-1, 1) + 1) / 2 * (self.act_high - self.act_low)", "return a.clamp(-1, 1)", "leftover"),
     Mutant("rl_cotrain", "demos' range from every demo, not Stage I's", "used = [(sim_o, sim_a)] * (sim_ratio > 0) + [(real_o, real_a)] * (sim_ratio < 1)", "used = [(sim_o, sim_a)] * (sim_ratio > 0) + [(real_o, real_a)]", "demos_range"),
