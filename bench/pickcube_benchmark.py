@@ -67,11 +67,13 @@ ROWS = {
     "sac_flow_naive": ("sac_flow.py", "--velocity naive", SAC_MARKS),
     # README "reinflow.py: ReinFlow", the PickCube fine-tuning command (actor lr 1e-5, the row that did not
     # collapse; results/reinflow/pickcube_ft_lr1e-5.csv); K=4 is the default --denoising-steps. Plus RLinf's
-    # relative reward (flow_noise_ppo's lesson): on the normalized dense reward seed 2 fell from 0.18 to 0.00
-    # at 500k, with it 0.18 -> 0.27; seeds 1 and 3 still end below their start (results/benchmark/)
+    # relative reward and large rollout batches (flow_noise_ppo's lessons: 10k env steps per update, one
+    # critic-only iteration) and no entropy bonus. On the dense reward seed 2 fell from 0.18 to 0.00 at 500k;
+    # with 1k-step batches seeds 1 and 3 peaked by 100k and ended below their start, with or without the
+    # bonus, which pushed sigma to its bound (results/benchmark/COMMANDS.md, "What was tried")
     "reinflow": ("reinflow.py", f"{SFT_BATCH} --denoising-steps 4 --sigma-min 0.02 --sigma-max 0.05 "
-                 "--learning-rate 1e-5 --critic-warmup-iters 5 --target-kl 0.1 --relative-reward",
-                 PPO_MARKS),  # fmt: skip
+                 "--learning-rate 1e-5 --critic-warmup-iters 1 --target-kl 0.1 --relative-reward "
+                 "--ent-coef 0 --num-steps 1250", PPO_MARKS),  # fmt: skip
     # README "flow_noise_ppo.py", the long-run command (L1 in results/flow_noise_ppo/README.md: 0.365 -> 0.69)
     "flow_noise_ppo": ("flow_noise_ppo.py", f"{SFT_BATCH} --reward-mode normalized_dense --relative-reward "
                        "--sigma-min 0.02 --sigma-max 0.04 --learning-rate 1e-5 --num-steps 1000 "
