@@ -69,8 +69,8 @@ ROWS = {
     # collapse; results/reinflow/pickcube_ft_lr1e-5.csv); K=4 is the default --denoising-steps. Plus RLinf's
     # relative reward and large rollout batches (flow_noise_ppo's lessons: 10k env steps per update, one
     # critic-only iteration) and no entropy bonus. On the dense reward seed 2 fell from 0.18 to 0.00 at 500k;
-    # with 1k-step batches seeds 1 and 3 peaked by 100k and ended below their start, with or without the
-    # bonus, which pushed sigma to its bound (results/benchmark/COMMANDS.md, "What was tried")
+    # with 1k-step batches seeds 1 and 3 peaked by 100k and ended below their start (seed 1 also without the
+    # bonus, which pushed sigma to its bound; results/benchmark/COMMANDS.md, "What was tried")
     "reinflow": ("reinflow.py", f"{SFT_BATCH} --denoising-steps 4 --sigma-min 0.02 --sigma-max 0.05 "
                  "--learning-rate 1e-5 --critic-warmup-iters 1 --target-kl 0.1 --relative-reward "
                  "--ent-coef 0 --num-steps 1250", PPO_MARKS),  # fmt: skip
