@@ -28,6 +28,9 @@ def main():
     marks = sorted(args.run.glob("mark_*.pt"), key=lambda f: int(f.stem.split("_")[1]))
     if not marks:
         raise SystemExit(f"error: no mark_<step>.pt in {args.run}: pass a reinflow benchmark run directory")
+    if not Path(args.demo_path).is_file():
+        raise SystemExit(f"error: no demo file {args.demo_path}: run `bash make_demos.sh PickCube-v1 100` "
+                         "or pass --demo-path")
     with h5py.File(args.demo_path) as f:
         obs = np.concatenate([f[k]["obs"][:-1] for k in list(f)[:20]])
     first = None
