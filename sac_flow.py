@@ -149,6 +149,9 @@ class Args:
     """initial entropy coefficient α (then tuned)"""
     target_entropy: float | None = None
     """H̄ (default −|A|)"""
+    q_layer_norm: bool = True
+    """LayerNorm after each hidden layer of Q (ManiSkill's SAC baseline's q_layer_norm); CleanRL's SAC has
+    none (--no-q-layer-norm)"""
     crossq: bool = False
     """CrossQ's critic (the official from-scratch SAC Flow code's): batch norm instead of LayerNorm, no target
     network; Q(s', a') comes from the same training-mode pass as Q(s, a)"""
@@ -305,11 +308,11 @@ class FlowPolicy(nn.Module):
 
 
 class SoftQ(nn.Module):
-    """Twin Q_1, Q_2: CleanRL's SoftQNetwork with LayerNorm after each hidden layer (ManiSkill's SAC baseline
-    uses q_layer_norm=True by default); batch_norm: CrossQ's, batch norm on the input and after each hidden
-    layer (ε and running-average rate of the official code's)."""
+    """Twin Q_1, Q_2: CleanRL's SoftQNetwork, with LayerNorm after each hidden layer if layer_norm
+    (ManiSkill's SAC baseline uses q_layer_norm=True by default); batch_norm: CrossQ's, batch norm on the
+    input and after each hidden layer (ε and running-average rate of the official code's)."""
 
-    def __init__(self, obs_dim, act_dim, hidden, batch_norm=False):
+    def __init__(self, obs_dim, act_dim, hidden, batch_norm=False, layer_norm=True):
         super().__init__()
         i, h = obs_dim + act_dim, hidden
 
@@ -318,7 +321,7 @@ class SoftQ(nn.Module):
                 bn = lambda n: nn.BatchNorm1d(n, eps=1e-3, momentum=0.01)  # noqa: E731
                 layers = [bn(i), nn.Linear(i, h), nn.ReLU(), bn(h), nn.Linear(h, h), nn.ReLU(), bn(h)]
             else:
-                ln = nn.LayerNorm
+                ln = nn.LayerNorm if layer_norm else lambda n: nn.Identity()
                 layers = [nn.Linear(i, h), ln(h), nn.ReLU(), nn.Linear(h, h), ln(h), nn.ReLU()]
             return nn.Sequential(*layers, nn.Linear(h, 1))
 
@@ -542,11 +545,15 @@ def load_checkpoint(args: Args, training: bool) -> tuple[dict, dict | None]:
         by = f"by {script}.py" if script else "no script key: another script or an older version"
         fail(f"--checkpoint {path} was not written by this sac_flow.py ({by}); retrain")
     keys = ["env_id", "control_mode", "velocity", "denoising_steps", "hidden_dim", "transformer_dim",
-            "log_sigma_min", "log_sigma_max"] + (["demo_path"] if training else [])  # fmt: skip
+            "log_sigma_min", "log_sigma_max", "q_layer_norm",
+            *(["demo_path"] if training else [])]  # fmt: skip
     for key in keys:
-        if ckpt["args"][key] != getattr(args, key):
-            fail(f"checkpoint {path} has {key}={ckpt['args'][key]!r} but this run has "
-                 f"{getattr(args, key)!r}; pass --{key.replace('_', '-')} {ckpt['args'][key]}")  # fmt: skip
+        saved = ckpt["args"].get(key, True)  # only q_layer_norm can be missing: before it, Q had LayerNorm
+        if saved != getattr(args, key):
+            flag = key.replace("_", "-")
+            flag = (f"--{'' if saved else 'no-'}{flag}") if isinstance(saved, bool) else f"--{flag} {saved}"
+            fail(f"checkpoint {path} has {key}={saved!r} but this run has {getattr(args, key)!r}; "
+                 f"pass {flag}")  # fmt: skip
     if not training or ckpt["global_step"] == 0:
         return ckpt, None
     path = os.path.join(os.path.dirname(path), "buffer.pt")
@@ -649,8 +656,8 @@ def main(args: Args):
     policy = FlowPolicy(obs_dim, act_dim, args.velocity, args.denoising_steps, args.hidden_dim,
                         args.transformer_dim, (hi - lo) / 2, (hi + lo) / 2, args.log_sigma_min,
                         args.log_sigma_max).to(device)  # fmt: skip
-    qf = SoftQ(obs_dim, act_dim, args.hidden_dim, args.crossq).to(device)
-    qf_target = SoftQ(obs_dim, act_dim, args.hidden_dim, args.crossq).to(device)  # unused with --crossq
+    qf, qf_target = (SoftQ(obs_dim, act_dim, args.hidden_dim, args.crossq, args.q_layer_norm).to(device)
+                     for _ in range(2))  # qf_target is unused with --crossq
     qf_target.load_state_dict(qf.state_dict())
     log_alpha = torch.tensor(np.log(args.alpha_init), device=device, requires_grad=True)
     target_entropy = args.target_entropy if args.target_entropy is not None else -float(act_dim)

@@ -47,6 +47,7 @@ MUTANTS: list[Mutant] = [
     Mutant("sac_flow", "a resumed run starts with no replay buffer (buffer.pt not read)", '    if not training or ckpt["global_step"] == 0:\n        return ckpt, None\n', "    if True:\n        return ckpt, None\n", "resumed"),
     Mutant("sac_flow", "a resumed run restarts the update count (--policy-frequency out of step)", '    updates = ckpt["updates"] if ckpt else 0  # critic updates so far (--policy-frequency)', "    updates = 0", "resumed"),
     Mutant("sac_flow", "CrossQ: the TD target's Q(s', a') keeps its gradient", "return (q1[0], q2[0]), (q1[1].detach(), q2[1].detach())", "return (q1[0], q2[0]), (q1[1], q2[1])", "crossq"),
+    Mutant("sac_flow", "--no-q-layer-norm is ignored: Q keeps its LayerNorm", "ln = nn.LayerNorm if layer_norm else lambda n: nn.Identity()", "ln = nn.LayerNorm", "resumed"),
     Mutant("sac_flow", "CrossQ: Q(s', a') from its own batch-norm pass", "q1, q2 = (q.chunk(2) for q in qf(torch.cat([s, s2]), torch.cat([a, a2])))", "q1, q2 = (torch.cat(q).chunk(2) for q in zip(qf(s, a), qf(s2, a2), strict=True))", "crossq"),
     # reinflow
     Mutant("reinflow", "sampler grid k/(K-1) while the scorer uses k/K", "policy.transition(x, k / K, K, s, sigma_min, sigma_max)", "policy.transition(x, k / max(K - 1, 1), K, s, sigma_min, sigma_max)", "sampler_draws or score_function"),

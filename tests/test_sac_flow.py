@@ -308,14 +308,17 @@ def test_same_seed_same_scalars(tmp_path, monkeypatch, pendulum_runs):
     assert len(a["charts/episodic_return"]) == 6 and len(a["eval/return"]) == 3 and a == b
 
 
-@pytest.mark.parametrize("crossq", [False, True])  # batch norm's running statistics are resumed too
-def test_resumed_run_logs_what_the_unbroken_run_logs(tmp_path, monkeypatch, crossq):
+# each critic: batch norm's running statistics are resumed too; without LayerNorm Q has no parameters there
+@pytest.mark.parametrize("critic", [{}, {"crossq": True}, {"q_layer_norm": False}])
+def test_resumed_run_logs_what_the_unbroken_run_logs(tmp_path, monkeypatch, critic):
     monkeypatch.chdir(tmp_path)
-    common = dict(eval_freq=200, policy_frequency=3, crossq=crossq, **PENDULUM)  # the update count is resumed
+    common = dict(eval_freq=200, policy_frequency=3, **critic, **PENDULUM)  # the update count is resumed
     run_main(tiny_args(exp_name="whole", total_timesteps=400, **common))
     ckpt = checkpoint_in(run_main(tiny_args(exp_name="part", total_timesteps=200, **common)))  # at step 200
     out = run_main(tiny_args(exp_name="resumed", total_timesteps=400, checkpoint=ckpt, **common))
     assert re.search(rf"^resumed {re.escape(ckpt)} at step 200 \(200 transitions", out, re.M), out
+    norm_keys = [k for k in torch.load(ckpt, weights_only=False)["qf"] if k.startswith("qs.0.1.")]
+    assert bool(norm_keys) == critic.get("q_layer_norm", True), norm_keys
     whole, part, resumed = (read_scalars(next(Path("runs").glob(f"*__{n}__*"))) for n in ("whole", "part", "resumed"))  # noqa: E501
     after = {tag: [(s, v) for s, v in values if s > 200] for tag, values in whole.items()}
     assert resumed == {tag: values for tag, values in after.items() if values}
@@ -459,6 +462,8 @@ def test_bad_checkpoints(pendulum_runs, no_envs):
         expect_error(tiny_args(checkpoint=str(path), **args), no_envs, str(path), needle)
     expect_error(tiny_args(checkpoint=str(good), **{**args, "velocity": "t"}), no_envs,
                  "velocity='g' but this run has 't'; pass --velocity g")  # fmt: skip
+    expect_error(tiny_args(checkpoint=str(good), **{**args, "q_layer_norm": False}), no_envs,
+                 "q_layer_norm=True but this run has False; pass --q-layer-norm")  # fmt: skip
     run = no_envs / "run"
     shutil.copytree(good.parent, run)
     buffer = run / "buffer.pt"
