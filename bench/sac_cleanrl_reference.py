@@ -42,6 +42,8 @@ def main():
 
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
+    if a.env_id not in gym.registry:
+        raise SystemExit(f"error: unknown --env-id {a.env_id!r}: give a gymnasium id such as Hopper-v5")
     env, eval_env = gym.make(a.env_id), gym.make(a.env_id)
     env.action_space.seed(a.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
