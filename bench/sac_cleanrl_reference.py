@@ -12,6 +12,8 @@ The switches set what sac_flow.py does differently, one at a time:
   --q-layer-norm    LayerNorm after each hidden layer of Q (ManiSkill's SAC baseline, sac_flow's critic)
   --update-every 2  a critic and one actor + α update at every 2nd env step (sac_flow's --utd 0.5)
   --tau, --learning-starts (sac_flow: 0.01, 4000)
+  --exact-squash    log|det da/dx| = Σ log(c (1 − tanh² x)) without CleanRL's +1e-6 inside the log (sac_flow's
+                    form): it keeps charging for saturation where the +1e-6 caps the charge near |x| = 7
 
   OMP_NUM_THREADS=1 python bench/sac_cleanrl_reference.py --env-id Hopper-v5 --seed 1 --out ref.csv
 """
@@ -37,6 +39,7 @@ def main():
     ap.add_argument("--learning-starts", type=int, default=5_000)
     ap.add_argument("--q-layer-norm", action="store_true")
     ap.add_argument("--update-every", type=int, choices=[1, 2], default=1)
+    ap.add_argument("--exact-squash", action="store_true")
     ap.add_argument("--out", required=True, help="csv: step, wall_s, return, ep_len, train_return")
     a = ap.parse_args()
 
@@ -62,13 +65,15 @@ def main():
             self.mean, self.log_std = nn.Linear(h, act_dim), nn.Linear(h, act_dim)
 
         def forward(self, s, deterministic=False):
-            """(a, log π(a|s)), with CleanRL's +1e-6 in the squash's log-determinant."""
+            """(a, log π(a|s)), with CleanRL's +1e-6 in the squash's log-determinant (or --exact-squash)."""
             h = self.body(s)
             mean = self.mean(h)
             log_std = -5 + 3.5 * (torch.tanh(self.log_std(h)) + 1)
             x = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
             y = torch.tanh(x)
             log_p = (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+            if a.exact_squash:  # log(1 − tanh² x) = 2 (log 2 − x − softplus(−2x)), stable for large |x|
+                return c * y + b, log_p - (torch.log(c) + 2 * (np.log(2) - x - F.softplus(-2 * x))).sum(-1)
             return c * y + b, log_p - torch.log(c * (1 - y**2) + 1e-6).sum(-1)
 
     actor, qs, qs_target = Actor(), [q_net(), q_net()], [q_net(), q_net()]
