@@ -43,9 +43,12 @@ VARIANTS = ["gaussian", "g", "t", "naive"]
 
 
 class GaussianPolicy(nn.Module):
-    """CleanRL's SAC actor behind FlowPolicy's interface (K = 0: eps[0] is the Gaussian's noise)."""
+    """CleanRL's SAC actor behind FlowPolicy's interface (K = 0: eps[0] is the Gaussian's noise); with
+    squash_eps = ε > 0 (--squash-eps) the squash's log-determinant is CleanRL's Σ log(c (1 − tanh² x) + ε)
+    in place of sac_flow's exact one: with ε = 1e-6 its charge for saturation stops growing beyond |x| ≈ 7."""
 
     K = 0
+    squash_eps = 0.0
 
     def __init__(self, obs_dim, act_dim, velocity, K, hidden, t_dim, c, b, log_std_min=-5.0, log_std_max=2.0):
         super().__init__()
@@ -62,6 +65,8 @@ class GaussianPolicy(nn.Module):
         eps = torch.randn_like(mean) if eps is None else eps[0]
         x = mean if deterministic else mean + std * eps
         a, log_det = sf.squash(x, self.c, self.b)
+        if self.squash_eps > 0:
+            log_det = torch.log(self.c * (1 - torch.tanh(x) ** 2) + self.squash_eps).sum(-1)
         return a, sf.normal_log_prob(x, mean, std) - log_det
 
 
@@ -126,7 +131,7 @@ def run(a, extra, out_dir):
         ],
     )
     if a.variant == "gaussian":
-        sf.FlowPolicy = GaussianPolicy
+        sf.FlowPolicy, GaussianPolicy.squash_eps = GaussianPolicy, a.squash_eps
         if args.target_entropy is None:  # the Gaussian keeps SAC's −|A|, whatever sac_flow's default is
             import gymnasium as gym
 
@@ -308,6 +313,7 @@ if __name__ == "__main__":
     ap.add_argument("--eval-episodes", type=int, default=10)
     ap.add_argument("--out-dir", default=str(ROOT / "results" / "sac_flow" / "mujoco"), help="per-run csvs")
     ap.add_argument("--plot", action="store_true", help="only summarise --out-dir (csv, table, plots)")
+    ap.add_argument("--squash-eps", type=float, default=0.0, help="gaussian only: CleanRL's 1e-6 in log|det|")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
