@@ -51,7 +51,9 @@ of the chain starts near −22 (σ near its upper bound while α is large), so �
 ~0.005 (a Gaussian actor in the same loop settles at ~0.05), and Flow-G falls back now and then (briefly on
 Hopper-v5, whose early peak near 1000 is the noise-free policy standing still; an unstable gait on
 Walker2d-v5: bench/sac_flow_mujoco.py, README); at 100k steps neither --utd 1 nor --crossq measured better
-on both Hopper-v5 and Walker2d-v5 (results/sac_flow/mujoco_probes/COMMANDS.md). With demos, c and b come from
+on both Hopper-v5 and Walker2d-v5, nor at 60k CleanRL's settings (--no-q-layer-norm --utd 1 --tau 0.005
+--learning-starts 5000: Flow-G 514 → 575 on Hopper-v5, 383 → 346 on Walker2d-v5, mean of 3 seeds over 40k–60k;
+results/sac_flow/mujoco_probes/COMMANDS.md). With demos, c and b come from
 the demos' range, as in every script: on PickCube-v1 offline-to-online it rose earlier than with the env's
 bounds in both seeds (0.45 / 0.55 at 50k against 0.30 / 0.35) and ended at 0.79 / 0.96 against 0.96 / 0.92
 (results/benchmark/demo_scaling.md).
