@@ -42,10 +42,15 @@ import sac_flow as sf  # noqa: E402
 VARIANTS = ["gaussian", "g", "t", "naive"]
 
 
+def cleanrl_log_det(x, c, eps):
+    """CleanRL's squash log-determinant Σ log(c (1 − tanh² x) + ε) (--squash-eps ε) in place of sac_flow's
+    exact one: with ε = 1e-6 its charge for a saturated action stops growing beyond |x| ≈ 7, and log π
+    becomes a lower bound of the density's."""
+    return torch.log(c * (1 - torch.tanh(x) ** 2) + eps).sum(-1)
+
+
 class GaussianPolicy(nn.Module):
-    """CleanRL's SAC actor behind FlowPolicy's interface (K = 0: eps[0] is the Gaussian's noise); with
-    squash_eps = ε > 0 (--squash-eps) the squash's log-determinant is CleanRL's Σ log(c (1 − tanh² x) + ε)
-    in place of sac_flow's exact one: with ε = 1e-6 its charge for saturation stops growing beyond |x| ≈ 7."""
+    """CleanRL's SAC actor behind FlowPolicy's interface (K = 0: eps[0] is the Gaussian's noise)."""
 
     K = 0
     squash_eps = 0.0
@@ -66,7 +71,7 @@ class GaussianPolicy(nn.Module):
         x = mean if deterministic else mean + std * eps
         a, log_det = sf.squash(x, self.c, self.b)
         if self.squash_eps > 0:
-            log_det = torch.log(self.c * (1 - torch.tanh(x) ** 2) + self.squash_eps).sum(-1)
+            log_det = cleanrl_log_det(x, self.c, self.squash_eps)
         return a, sf.normal_log_prob(x, mean, std) - log_det
 
 
@@ -75,6 +80,7 @@ class RecordedFlow(sf.FlowPolicy):
 
     grads: dict = defaultdict(list)
     policy = None  # the instance main() trains, for the optimiser hook
+    squash_eps = 0.0
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -88,6 +94,15 @@ class RecordedFlow(sf.FlowPolicy):
                 lambda g, k=k: RecordedFlow.grads[f"dL_dx{k}"].append(len(g) * g.norm(dim=-1).mean().item())
             )
         return super().velocity(t, x, e_s)
+
+    def forward(self, s, eps=None, deterministic=False):
+        if self.squash_eps == 0:
+            return super().forward(s, eps, deterministic)
+        if eps is None:
+            eps = torch.randn(self.K + 1, s.shape[0], self.c.shape[0], device=s.device, dtype=s.dtype)
+        xs, mus, sigma = self.rollout(s, eps, deterministic)
+        a, _ = sf.squash(xs[-1], self.c, self.b)
+        return a, sf.chain_log_prob(xs, mus, sigma) - cleanrl_log_det(xs[-1], self.c, self.squash_eps)
 
 
 class Stochastic:
@@ -130,8 +145,11 @@ def run(a, extra, out_dir):
             *extra,
         ],
     )
+    if a.squash_eps < 0:
+        raise SystemExit(f"--squash-eps must be >= 0 (0: sac_flow's exact squash), got {a.squash_eps}")
+    GaussianPolicy.squash_eps = RecordedFlow.squash_eps = a.squash_eps
     if a.variant == "gaussian":
-        sf.FlowPolicy, GaussianPolicy.squash_eps = GaussianPolicy, a.squash_eps
+        sf.FlowPolicy = GaussianPolicy
         if args.target_entropy is None:  # the Gaussian keeps SAC's −|A|, whatever sac_flow's default is
             import gymnasium as gym
 
@@ -313,7 +331,7 @@ if __name__ == "__main__":
     ap.add_argument("--eval-episodes", type=int, default=10)
     ap.add_argument("--out-dir", default=str(ROOT / "results" / "sac_flow" / "mujoco"), help="per-run csvs")
     ap.add_argument("--plot", action="store_true", help="only summarise --out-dir (csv, table, plots)")
-    ap.add_argument("--squash-eps", type=float, default=0.0, help="gaussian only: CleanRL's 1e-6 in log|det|")
+    ap.add_argument("--squash-eps", type=float, default=0.0, help="CleanRL's 1e-6 in the squash's log|det|")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
