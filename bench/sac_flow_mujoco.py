@@ -42,18 +42,18 @@ import sac_flow as sf  # noqa: E402
 VARIANTS = ["gaussian", "g", "t", "naive"]
 
 
-def cleanrl_log_det(x, c, eps):
-    """CleanRL's squash log-determinant Σ log(c (1 − tanh² x) + ε) (--squash-eps ε) in place of sac_flow's
-    exact one: with ε = 1e-6 its charge for a saturated action stops growing beyond |x| ≈ 7, and log π
-    becomes a lower bound of the density's."""
-    return torch.log(c * (1 - torch.tanh(x) ** 2) + eps).sum(-1)
+def apply_squash_eps(eps):
+    """--squash-eps ε: sf.squash's log-determinant becomes CleanRL's Σ log(c (1 − tanh² x) + ε) for every
+    policy (the Gaussian and the flows' chain both take theirs from sf.squash). With ε = 1e-6 its charge for
+    a saturated action stops growing beyond |x| ≈ 7, and log π becomes a lower bound of the density."""
+    exact = sf.squash
+    sf.squash = lambda x, c, b: (exact(x, c, b)[0], torch.log(c * (1 - torch.tanh(x) ** 2) + eps).sum(-1))
 
 
 class GaussianPolicy(nn.Module):
     """CleanRL's SAC actor behind FlowPolicy's interface (K = 0: eps[0] is the Gaussian's noise)."""
 
     K = 0
-    squash_eps = 0.0
 
     def __init__(self, obs_dim, act_dim, velocity, K, hidden, t_dim, c, b, log_std_min=-5.0, log_std_max=2.0):
         super().__init__()
@@ -70,8 +70,6 @@ class GaussianPolicy(nn.Module):
         eps = torch.randn_like(mean) if eps is None else eps[0]
         x = mean if deterministic else mean + std * eps
         a, log_det = sf.squash(x, self.c, self.b)
-        if self.squash_eps > 0:
-            log_det = cleanrl_log_det(x, self.c, self.squash_eps)
         return a, sf.normal_log_prob(x, mean, std) - log_det
 
 
@@ -80,7 +78,6 @@ class RecordedFlow(sf.FlowPolicy):
 
     grads: dict = defaultdict(list)
     policy = None  # the instance main() trains, for the optimiser hook
-    squash_eps = 0.0
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -94,15 +91,6 @@ class RecordedFlow(sf.FlowPolicy):
                 lambda g, k=k: RecordedFlow.grads[f"dL_dx{k}"].append(len(g) * g.norm(dim=-1).mean().item())
             )
         return super().velocity(t, x, e_s)
-
-    def forward(self, s, eps=None, deterministic=False):
-        if self.squash_eps == 0:
-            return super().forward(s, eps, deterministic)
-        if eps is None:
-            eps = torch.randn(self.K + 1, s.shape[0], self.c.shape[0], device=s.device, dtype=s.dtype)
-        xs, mus, sigma = self.rollout(s, eps, deterministic)
-        a, _ = sf.squash(xs[-1], self.c, self.b)
-        return a, sf.chain_log_prob(xs, mus, sigma) - cleanrl_log_det(xs[-1], self.c, self.squash_eps)
 
 
 class Stochastic:
@@ -147,7 +135,8 @@ def run(a, extra, out_dir):
     )
     if a.squash_eps < 0:
         raise SystemExit(f"--squash-eps must be >= 0 (0: sac_flow's exact squash), got {a.squash_eps}")
-    GaussianPolicy.squash_eps = RecordedFlow.squash_eps = a.squash_eps
+    if a.squash_eps > 0:
+        apply_squash_eps(a.squash_eps)
     if a.variant == "gaussian":
         sf.FlowPolicy = GaussianPolicy
         if args.target_entropy is None:  # the Gaussian keeps SAC's −|A|, whatever sac_flow's default is
