@@ -777,6 +777,11 @@ def main(args: Args):
     what = f"evaluate {args.checkpoint}" if args.evaluate else f"run {run_dir}"
     demos_part = f" | demos {num_transitions} transitions" if num_transitions else ""
     print(f"{what} | env {args.env_id} ({backend}) | device {device}{demos_part}", flush=True)
+    if not args.evaluate:  # before the video recorder makes run_dir/videos
+        try:  # a run started the same second under the same name would overwrite this one's checkpoints
+            os.makedirs(run_dir)
+        except FileExistsError:
+            fail(f"{run_dir} exists: a run with this --exp-name and --seed began the same second; rename it")
 
     dims = task_obs_dims(args, tasks) if len(tasks) > 1 else None  # one task: no padding, no token
     tokens = [(k, len(tasks), max(dims)) for k in range(len(tasks))] if dims else [None]

@@ -875,6 +875,10 @@ def main(args: Args):
 
     run_name = f"{args.env_id}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
+    try:  # a run started the same second under the same name would overwrite this one's checkpoints
+        os.makedirs(run_dir)
+    except FileExistsError:
+        fail(f"{run_dir} exists: a run with this --exp-name and --seed began the same second; rename it")
     if args.track:
         import wandb
 

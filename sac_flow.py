@@ -698,15 +698,20 @@ def main(args: Args):
 
     from torch.utils.tensorboard import SummaryWriter
 
+    run_dir = f"runs/{run_name}"
+    try:  # a run started the same second under the same name would overwrite this one's checkpoints
+        os.makedirs(run_dir)
+    except FileExistsError:
+        fail(f"{run_dir} exists: a run with this --exp-name and --seed began the same second; rename it")
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
-    ckpt_path, csv_path, buffer_path = (f"runs/{run_name}/{f}" for f in ("ckpt.pt", "eval.csv", "buffer.pt"))
+    ckpt_path, csv_path, buffer_path = (f"{run_dir}/{f}" for f in ("ckpt.pt", "eval.csv", "buffer.pt"))
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps + n_demo), obs_dim, act_dim, device)
     demo_t = None if demos is None else {k: torch.as_tensor(v, device=device) for k, v in demos.items()}
     if saved_buffer is not None:  # the demos, if any, are in it already
@@ -782,7 +787,7 @@ def main(args: Args):
                       f"qf_loss {q_loss.item():.4f}", flush=True)  # fmt: skip
                 writer.add_scalar("losses/fm_loss", fm.item(), i)
         if args.save_model:
-            save(f"runs/{run_name}/sft.pt")
+            save(f"{run_dir}/sft.pt")
     if ckpt is not None:
         set_rng_state(ckpt["rng"], act_space)
         print(f"resumed {args.checkpoint} at step {step} ({rb.size} transitions in the buffer)", flush=True)

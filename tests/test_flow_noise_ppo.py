@@ -429,6 +429,16 @@ def test_multitask_smoke(tmp_path):
         shutil.rmtree(run, ignore_errors=True)
 
 
+def test_a_run_directory_in_use_is_refused_before_any_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fnp.time, "time", lambda: 1000.0)
+    monkeypatch.setattr(fnp, "VecEnv", None)  # the video recorder would make run_dir/videos
+    (tmp_path / "runs" / "Pendulum-v1__twin__1__1000").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="^error: runs/Pendulum-v1__twin__1__1000 exists: ") as e:
+        fnp.main(fnp.Args(env_id="Pendulum-v1", exp_name="twin", capture_video=True))
+    assert "\n" not in str(e.value)
+
+
 def test_bad_inputs_exit_with_one_line(pickcube_demos, tmp_path, monkeypatch):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     torch.save({"script": "flow_sde_ppo", "agent": {}, "args": {}}, tmp_path / "other.pt")

@@ -443,6 +443,15 @@ def test_demos_of_the_wrong_shape_fail_before_the_run_directory(pickcube_demos, 
                  "actions of dim 3; PickCube-v1 needs 42 and 4")  # fmt: skip
 
 
+def test_a_run_directory_in_use_is_refused(tmp_path, monkeypatch):
+    """Two runs named alike in the same second would overwrite each other's ckpt.pt: the second one stops."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sac_flow.time, "time", lambda: 1000.0)
+    (tmp_path / "runs" / "Pendulum-v1__twin__1__1000").mkdir(parents=True)
+    twin = tiny_args(exp_name="twin", total_timesteps=50, **PENDULUM)
+    expect_error(twin, tmp_path, "runs/Pendulum-v1__twin__1__1000 exists")
+
+
 def test_bad_checkpoints(pendulum_runs, no_envs):
     good = pendulum_runs["g"]
     args = dict(env_id="Pendulum-v1")
