@@ -630,10 +630,11 @@ def main(args: Args):
     demos = load_demos(args) if training and args.demo_path else None
     n_demo = 0 if demos is None else len(demos["s"])
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if training:
         backend = f"{args.sim_backend}, {args.vector_env}" if maniskill else "gymnasium"
-        print(f"run runs/{run_name} | env {args.env_id} ({backend}) | device {device}"
+        print(f"run {run_dir} | env {args.env_id} ({backend}) | device {device}"
               + (f" | demos {n_demo} transitions" if demos else ""), flush=True)  # fmt: skip
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -698,7 +699,6 @@ def main(args: Args):
 
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir = f"runs/{run_name}"
     try:  # a run started the same second under the same name would overwrite this one's checkpoints
         os.makedirs(run_dir)
     except FileExistsError:
