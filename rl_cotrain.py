@@ -21,17 +21,14 @@ physx_cuda requires.
 
 Policy pi_theta(a | o) over an action chunk a in R^{H x A} (H = --action-horizon, flattened to H*A): a K-step
 flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
-    a^0 ~ N(0, I) (--a0-zero: 0; --a0-learned: N(mu_psi(o), sigma_psi^2)),  tau_k = k / K,  dt = 1 / K,
+    a^0 ~ N(0, I) (--a0-zero: 0),  tau_k = k / K,  dt = 1 / K,
     a^{k+1} = a^k + v_theta(o, a^k, tau_k) dt + sigma_phi(o, a^k, tau_k) eps_k,   eps_k ~ N(0, I),
     the env plays the first C = --num-action-chunks actions of clip(a^K, -1, 1) mapped to the demos' range
     [a_lo, a_hi] (a_lo + (a + 1) / 2 (a_hi - a_lo), per action dim), then the policy re-plans;
-    an episode that ends inside a chunk drops the chunk's rest. Deterministic evaluation: sigma = 0 (the ODE),
-    from a^0 = mu_psi(o) with --a0-learned.
+    an episode that ends inside a chunk drops the chunk's rest. Deterministic evaluation: sigma = 0 (the ODE).
 Chain log-likelihood per executed element a (h < C), averaged over its K+1 terms as in flow_noise_ppo (a^0's
-term does not depend on theta, so it cancels in PPO ratios and is left out, except with --a0-learned):
+term does not depend on theta, so it cancels in PPO ratios and is left out):
     l_a = 1/(K+1) sum_k log N(a^{k+1}_a; a^k + v_theta(o, a^k, tau_k) dt, sigma_phi(o, a^k, tau_k)^2)_a
-    --a0-learned: l_a += 1/(K+1) log N(a^0_a; mu_psi(o), sigma_psi^2)_a, mu_psi = 0 and sigma_psi = 1 at the
-    start of Stage II (which alone trains psi), so that PPO credits the noise that decides most outcomes
 Supervised flow-matching loss on demo chunks (a = the demo's next H actions, the last repeated past its end,
 scaled to [-1, 1] by the range of Stage I's demos; o), with tau ~ U(0, 1), eps ~ N(0, I):
     a_tau = (1 - tau) eps + tau a,    L_SFT = E || v_theta(o, a_tau, tau) - (a - eps) ||^2
@@ -146,12 +143,6 @@ class Args:
     randomness is then sigma_phi's noise, which PPO's ratios credit (a^0 is not in them, yet on PickCube it
     decides more outcomes than sigma_phi does: bench/rl_cotrain_outcome_spread.py). Like --sigma-min, not read
     from a checkpoint: pass it again to resume or evaluate one trained with it"""
-    a0_learned: bool = False
-    """learn a^0's distribution in Stage II, a^0 ~ N(mu_psi(o), sigma_psi^2) from N(0, I), with its density
-    in PPO's ratios (a PPO form of DSRL's noise-space policy, arXiv 2506.15799); evaluation starts at
-    mu_psi(o)"""
-    a0_learning_rate: float = 3e-4
-    """learning rate of mu_psi and sigma_psi (--a0-learned), a Gaussian PPO actor's: a^0 has unit scale"""
     action_horizon: int = 1
     """H: actions predicted per chunk"""
     num_action_chunks: int = 1
@@ -218,14 +209,10 @@ def time_grid(K: int, device=None) -> torch.Tensor:
 @torch.no_grad()
 def sample_chain(policy, o, deterministic=False, generator=None) -> torch.Tensor:
     """The chain a^{0:K}, shape (B, K+1, A), drawn step by step; the action is clip(a^K, -1, 1).
-    deterministic: sigma = 0 (the flow ODE, evaluation); a^0 still from N(0, I) (0 if policy.a0_zero,
-    mu_psi(o) if a^0's distribution is learned)."""
+    deterministic: sigma = 0 (the flow ODE, evaluation); a^0 still from N(0, I) (0 if policy.a0_zero)."""
     o_n, dt = policy.norm(o), 1.0 / policy.K
     a = torch.randn(o.shape[0], policy.act_dim, device=o.device, generator=generator)
     a = a * 0 if policy.a0_zero else a
-    if policy.a0_mu is not None:
-        mu_0, sigma_0 = policy.a0_gaussian(o_n)
-        a = mu_0 if deterministic else mu_0 + sigma_0 * a
     chain = [a]
     for tau in time_grid(policy.K, o.device):
         tau = tau.expand(o.shape[0], 1)
@@ -256,8 +243,6 @@ def chain_log_prob(policy, o, chain, logprob_type: str, executed: int) -> torch.
     (B, executed); chunk: sum_a l_a, (B,)."""
     mu, sigma = chain_gaussians(policy, o, chain)
     logp = torch.distributions.Normal(mu, sigma).log_prob(chain[:, 1:]).sum(1)
-    if policy.a0_mu is not None:
-        logp = logp + torch.distributions.Normal(*policy.a0_gaussian(policy.norm(o))).log_prob(chain[:, 0])
     ell = logp[:, :executed] / chain.shape[1]
     return ell if logprob_type == "token" else ell.sum(-1)
 
@@ -312,19 +297,12 @@ class FlowNoisePolicy(nn.Module):
     """v_theta(o, a, tau) and sigma_phi(o, a, tau) over chunks of H actions in R^A, flattened to H * A;
     observations normalised and actions scaled with fixed statistics of Stage I's demos."""
 
-    def __init__(self, obs_dim, A, H, K, sigma_min, sigma_max, hidden_dim=256, a0_zero=False,
-                 a0_learned=False):
+    def __init__(self, obs_dim, A, H, K, sigma_min, sigma_max, hidden_dim=256, a0_zero=False):
         super().__init__()
         self.K, self.act_dim, self.sigma_min, self.sigma_max = K, H * A, sigma_min, sigma_max
         self.a0_zero = a0_zero
         self.v = mlp(obs_dim + H * A + 1, H * A, hidden_dim)
         self.noise = mlp(obs_dim + H * A + 1, H * A, h=64, n=2)
-        self.a0_mu, self.a0_log_std = None, None
-        if a0_learned:  # mu_psi = 0 and sigma_psi = 1 at the start: a^0 ~ N(0, I), as Stage I trained for
-            self.a0_mu = mlp(obs_dim, H * A, h=64, n=2)
-            nn.init.zeros_(self.a0_mu[-1].weight)
-            nn.init.zeros_(self.a0_mu[-1].bias)
-            self.a0_log_std = nn.Parameter(torch.zeros(H * A))
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         # the demos' action range: motion-planned moves span little of [-1, 1], and sigma is in a's units
@@ -347,10 +325,6 @@ class FlowNoisePolicy(nn.Module):
     def sigma(self, o_n, a, tau):
         s = torch.sigmoid(self.noise(torch.cat([o_n, a, tau], -1)))
         return self.sigma_min + (self.sigma_max - self.sigma_min) * s
-
-    def a0_gaussian(self, o_n):  # mu_psi(o), sigma_psi (--a0-learned)
-        mu = self.a0_mu(o_n)
-        return mu, self.a0_log_std.exp().expand_as(mu)
 
 
 # ---------------------------------------------------------------- plumbing: checks, domains, envs
@@ -745,8 +719,6 @@ def check_args(args: Args) -> dict | None:
         fail(f"--num-action-chunks {args.num_action_chunks} > --action-horizon {args.action_horizon}: C <= H")
     if not 0 < args.sigma_min <= args.sigma_max:
         fail(f"need 0 < --sigma-min <= --sigma-max, got {args.sigma_min} and {args.sigma_max}")
-    if args.a0_zero and args.a0_learned:
-        fail("--a0-zero fixes a^0 = 0 and --a0-learned learns its distribution: pass one of them")
     if not 0.0 <= args.sim_ratio <= 1.0 or args.aux_coef < 0:
         fail("--sim-ratio must be in [0, 1] and --aux-coef >= 0")
     parse_shift(args.real_shift)
@@ -813,34 +785,27 @@ def main(args: Args):
         fail(f"{args.demo_path} has obs/action dims {'/'.join(map(str, dims.pop()))}, "
              f"{args.env_id} {obs_dim}/{A}: pass demos made for this task")  # fmt: skip
     K, H, C = args.denoising_steps, args.action_horizon, args.num_action_chunks
-    policy = FlowNoisePolicy(obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.hidden_dim, args.a0_zero,
-                             args.a0_learned).to(device)  # fmt: skip
+    policy = FlowNoisePolicy(obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.hidden_dim, args.a0_zero)
+    policy = policy.to(device)
     critic = mlp(obs_dim, 1, args.hidden_dim).to(device)
-    psi = [p for name, p in policy.named_parameters() if name.startswith("a0_")]
-    params = [[p for name, p in policy.named_parameters() if not name.startswith("a0_")]] + [psi] * bool(psi)
-    lrs = [args.learning_rate, args.a0_learning_rate][: len(params)]  # theta and phi's, psi's
-    actor_opt = torch.optim.Adam([{"params": ps, "lr": lr} for ps, lr in zip(params, lrs, strict=True)])
+    actor_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
     nets = {"policy": policy, "critic": critic, "actor_opt": actor_opt, "critic_opt": critic_opt}
     start_iter, global_step = 0, 0
     if ckpt is not None:
         for key, fill in (("act_low", -1.0), ("act_high", 1.0)):  # checkpoints from before the demos' range
             ckpt["policy"].setdefault(key, torch.full((A,), fill))
-        if psi and "a0_log_std" not in ckpt["policy"]:  # --a0-learned from Stage I: psi starts at N(0, I)
-            ckpt["policy"].update({k: v for k, v in policy.state_dict().items() if k.startswith("a0_")})
-            groups = actor_opt.state_dict()["param_groups"]  # theta and phi keep their Adam moments (ids 0..)
-            ckpt["actor_opt"] = {"state": ckpt["actor_opt"]["state"], "param_groups": groups}
         try:
             for name, net in nets.items():
                 net.load_state_dict(ckpt[name])
         except (RuntimeError, ValueError, KeyError):
             eval_envs.close()
             fail(f"{args.checkpoint} does not fit these networks: pass its --hidden-dim, "
-                 "--denoising-steps, --action-horizon, and --a0-learned if it had it")  # fmt: skip
+                 "--denoising-steps, --action-horizon")  # fmt: skip
         # this run's learning rates, not the saved run's (RL from an SFT checkpoint)
-        groups = actor_opt.param_groups + critic_opt.param_groups
-        for group, lr in zip(groups, lrs + [args.critic_learning_rate], strict=True):
-            group["lr"] = lr
+        for opt, lr in ((actor_opt, args.learning_rate), (critic_opt, args.critic_learning_rate)):
+            for group in opt.param_groups:
+                group["lr"] = lr
         start_iter, global_step = ckpt["iteration"], ckpt["global_step"]
 
     if args.evaluate:

@@ -56,33 +56,6 @@ def test_chain_log_prob_matches_step_by_step_gaussians():
     assert policy.norm(torch.full((1, 6), 5.0)).abs().max().item() == 10.0
 
 
-def test_learned_a0_is_sampled_scored_and_trained():
-    """--a0-learned: a^0 ~ N(mu_psi(o), sigma_psi^2) starts as N(0, I), its density joins each element's
-    K + 1 terms, the sampler draws from it, the noise-free chain starts at mu_psi(o), and the gradient of the
-    log-likelihood reaches psi."""
-    torch.manual_seed(0)
-    policy = rc.FlowNoisePolicy(6, 2, 1, 3, sigma_min=0.05, sigma_max=0.3, hidden_dim=64, a0_learned=True)
-    o = torch.randn(4000, 6)
-    mu_0, sigma_0 = policy.a0_gaussian(policy.norm(o))
-    assert mu_0.abs().max().item() == 0.0 and sigma_0.eq(1.0).all()
-    with torch.no_grad():  # away from the start, so that a wrong mean or scale would show
-        policy.a0_mu[-1].bias.copy_(torch.tensor([0.7, -0.4]))
-        policy.a0_mu[-1].weight.normal_(0, 0.3)
-        policy.a0_log_std.copy_(torch.tensor([-1.0, 0.5]))
-    mu_0, sigma_0 = (x.detach() for x in policy.a0_gaussian(policy.norm(o)))
-    chain = rc.sample_chain(policy, o)
-    z = (chain[:, 0] - mu_0) / sigma_0
-    assert z.mean(0).abs().max() < 0.06 and (z.std(0) - 1).abs().max() < 0.05
-    mu, sigma = rc.chain_gaussians(policy, o, chain)
-    flow = torch.distributions.Normal(mu, sigma).log_prob(chain[:, 1:]).sum(1)
-    expected = (flow + torch.distributions.Normal(mu_0, sigma_0).log_prob(chain[:, 0])) / 4
-    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "token", 2), expected)
-    torch.testing.assert_close(rc.chain_log_prob(policy, o, chain, "chunk", 1), expected[:, 0])
-    torch.testing.assert_close(rc.sample_chain(policy, o[:5], deterministic=True)[:, 0], mu_0[:5])
-    rc.chain_log_prob(policy, o[:64], chain[:64], "token", 2).sum().backward()
-    assert policy.a0_log_std.grad.abs().min() > 0 and policy.a0_mu[-1].weight.grad.abs().max() > 0
-
-
 def test_sampler_draws_the_chains_that_chain_log_prob_scores():
     """Chains from sample_chain (the rollout sampler), residuals standardised by chain_gaussians (the scorer's
     mu_k, sigma_k) must be N(0, 1), and E[grad_theta log pi(chain)] = 0 (the score-function identity)."""
@@ -427,7 +400,6 @@ BAD_INPUTS = [
     (["--denoising-steps", "-1"], "--denoising-steps must be >= 1"),
     (["--gamma", "2"], "0 < --gamma <= 1"),
     (["--sigma-min", "0.5", "--sigma-max", "0.1"], "--sigma-min <= --sigma-max"),
-    (["--a0-zero", "--a0-learned"], "pass one of them"),
     (["--num-envs", "1", "--num-steps", "9", "--num-minibatches", "8"], "a minibatch needs >= 2 samples"),
     (["--vector-env", "maniskill", "--sim-backend", "physx_cpu"], "--num-envs 1 --num-eval-envs 1"),
     (["--seed", "0"], "--seed 0"),
@@ -499,27 +471,6 @@ def test_same_seed_same_numbers_exact_resume_and_nan_guard(capsys, monkeypatch):
         _run(capsys, *flags, *resume, "--exp-name", "test_rlco_e")
     assert str(e.value) == f"error: non-finite policy_loss at step 96; last good checkpoint: {c}/ckpt.pt"
     assert not list(Path("runs").glob("*__test_rlco_e__*/*.pt"))
-
-
-def test_learned_a0_starts_from_a_stage_one_checkpoint_and_must_be_passed_again(capsys):
-    flags = ["--mode", "rl-sim-only", "--num-demos", "2", "--num-steps", "32", "--eval-freq", "64"]
-    _, a = _run(capsys, *flags, "--total-timesteps", "0", "--exp-name", "test_rlco_a0_sft")
-    out, b = _run(capsys, *flags, "--total-timesteps", "64", "--checkpoint", f"{a}/sft.pt", "--a0-learned",
-                  "--exp-name", "test_rlco_a0")  # fmt: skip
-    ckpt = torch.load(b / "ckpt.pt", weights_only=False)
-    assert ckpt["policy"]["a0_log_std"].abs().max() > 0  # psi trained, from sigma_psi = 1
-    lrs = [g["lr"] for g in ckpt["actor_opt"]["param_groups"]]
-    assert lrs == [rc.Args.learning_rate, rc.Args.a0_learning_rate]
-    # from a Stage-II checkpoint without psi: theta's and phi's Adam moments carry on, psi's start fresh
-    _, c = _run(capsys, *flags, "--total-timesteps", "64", "--checkpoint", f"{a}/sft.pt",
-                "--exp-name", "test_rlco_a0")  # fmt: skip
-    _, d = _run(capsys, *flags, "--total-timesteps", "96", "--checkpoint", f"{c}/ckpt.pt", "--a0-learned",
-                "--exp-name", "test_rlco_a0")  # fmt: skip
-    before, after = (torch.load(r / "ckpt.pt", weights_only=False)["actor_opt"]["state"] for r in (c, d))
-    assert after[0]["step"] > before[0]["step"] > 0 and 0 < after[len(before)]["step"] < after[0]["step"]
-    with pytest.raises(SystemExit) as e:  # resumed without the flag: one line that names it
-        _run(capsys, *flags, "--total-timesteps", "96", "--checkpoint", f"{b}/ckpt.pt", "--exp-name", "x")
-    assert "--a0-learned if it had it" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_batched_path_on_cpu_trains_checkpoints_resumes_and_evaluates(sim_demos, capsys):
