@@ -12,6 +12,10 @@ Walker2d pay 1 per step alive, so return − ep_len is the forward-progress term
 cost), which tells a policy that stands for 1000 steps (≈ 1000, ≈ 0) from one that hops. The same initial
 states are also played by the stochastic policy (the chain with its noise, what training plays;
 return_stochastic, ep_len_stochastic), to tell a fall of the policy from one of its noise-free evaluation.
+Both also record the fraction of action components at the bounds, |a − b| / c > 0.999 (|x| > 3.8 before the
+tanh; saturated, saturated_stochastic): with the exact squash the entropy term charges α (−log(1 − tanh² x))
+per component, pulling x back from the bounds with a force near 2α, and CleanRL's +1e-6 (--squash-eps) lifts
+that charge beyond |x| ≈ 7.
 
   OMP_NUM_THREADS=1 python bench/sac_flow_mujoco.py --variant g --env-id Hopper-v5 --seed 1   # one run
   python bench/sac_flow_mujoco.py --plot   # results/sac_flow/mujoco.csv, mujoco.png, mujoco_diagnostics.png
@@ -157,9 +161,12 @@ def run(a, extra, out_dir):
         noise_free, stochastic = [], []  # (obs, actions, return) per episode, from the same initial states
         result = evaluate(policy, *eval_args, episodes=noise_free)
         evaluate(Stochastic(policy), *eval_args, episodes=stochastic)
+        c, b = policy.c.cpu().numpy(), policy.b.cpu().numpy()
         for name, episodes in (("", noise_free), ("_stochastic", stochastic)):
             row[f"return{name}"] = float(np.mean([g for _, _, g in episodes]))
             row[f"ep_len{name}"] = float(np.mean([len(obs) for obs, _, _ in episodes]))
+            actions = np.concatenate([a for _, a, _ in episodes])
+            row[f"saturated{name}"] = float(np.mean(abs(actions - b) / c > 0.999))
         rows.append(row)
         return result
 
