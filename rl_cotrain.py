@@ -14,10 +14,11 @@ Real demos come from a short closed-loop scripted expert (scripted_pick_expert, 
 scripted_stack_expert) run in the shifted env; by default the sim demos come from the same expert run in
 the nominal env, so the two domains differ only in dynamics, as with a digital twin. --demo-path gives
 motion-planner demos from make_demos.sh instead: slow and varied, a style unlike the real demos' (the
-second condition). Only PickCube-v1, PushCube-v1 and StackCube-v1 have such an expert here. One set of
-shift rules (ShiftWrapper) serves both simulator paths: actions are delayed and scaled on ManiSkill's
-batched tensors, and the task objects' mass and friction are set when the scene is built, which
-physx_cuda requires.
+second condition). --real-demo-path reads the real demos from a file instead (a robot's, or the motion
+planner tracked under the shift by bench/rl_cotrain_mp_demos.py). Only PickCube-v1, PushCube-v1 and
+StackCube-v1 have an expert here. One set of shift rules (ShiftWrapper) serves both simulator paths:
+actions are delayed and scaled on ManiSkill's batched tensors, and the task objects' mass and friction are
+set when the scene is built, which physx_cuda requires.
 
 Policy pi_theta(a | o) over an action chunk a in R^{H x A} (H = --action-horizon, flattened to H*A): a K-step
 flow with a learnable noise network (Flow-Noise, as in pi_RL / RLinf),
@@ -156,6 +157,10 @@ class Args:
     demos' scripted expert run in sim (one demo style, the domains differ only in dynamics)"""
     num_demos: int | None = None
     """sim demos: the first N trajectories of --demo-path (default: all) or N expert episodes (default 100)"""
+    real_demo_path: str | None = None
+    """h5 of real demos made under --real-shift by bench/rl_cotrain_mp_demos.py (the motion planner tracked
+    in the shifted dynamics; with its nominal demos as --demo-path: one style in both domains); none: the
+    scripted expert"""
     sft_steps: int = 4000
     """Stage I gradient steps"""
     sft_batch_size: int = 256
@@ -580,17 +585,22 @@ EXPERTS = {"PickCube-v1": scripted_pick_expert, "PushCube-v1": scripted_push_exp
            "StackCube-v1": scripted_stack_expert}  # fmt: skip
 
 
-def load_sim_demos(path: str, num_demos: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """ManiSkill h5 (traj_i/obs (L+1, d), traj_i/actions (L, A)) -> (obs (L, d), actions (L, A)) per demo."""
+def load_demos(path: str, num_demos: int | None, shift: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """ManiSkill h5 (traj_i/obs (L+1, d), traj_i/actions (L, A)) -> (obs (L, d), actions (L, A)) per demo,
+    of the domain shift (a json beside the h5 without "shift": nominal, as make_demos.sh writes it)."""
     import h5py
 
     if not os.path.exists(path):
-        fail(f"sim demo file {path} not found: make it with `bash make_demos.sh` or drop --demo-path")
+        fail(f"demo file {path} not found: make it with make_demos.sh or bench/rl_cotrain_mp_demos.py")
     meta_path = path[: -len(".h5")] + ".json"
     if path.endswith(".h5") and os.path.exists(meta_path):
-        mode = json.load(open(meta_path))["env_info"]["env_kwargs"].get("control_mode")
+        meta = json.load(open(meta_path))
+        mode = meta["env_info"]["env_kwargs"].get("control_mode")
         if mode != "pd_ee_delta_pos":
             fail(f"{path} has control_mode {mode}, need pd_ee_delta_pos (make_demos.sh arg 3)")
+        made = meta.get("shift", NOMINAL_SHIFT)
+        if made != shift:
+            fail(f"{path} holds demos of the domain {made}, not {shift}: pass the demos of this domain")
     trajs = []
     try:
         with h5py.File(path, "r") as f:
@@ -605,8 +615,8 @@ def load_sim_demos(path: str, num_demos: int | None) -> list[tuple[np.ndarray, n
                 trajs.append((o[:-1].astype(np.float32), a.astype(np.float32)))
     except OSError as e:
         fail(f"cannot read {path} as h5 ({str(e).splitlines()[0][:60]}): pass one made by make_demos.sh")
-    if not trajs:
-        fail(f"{path} holds no traj_* trajectories")
+    if len(trajs) < (num_demos or 1):
+        fail(f"{path} holds {len(trajs)} traj_* trajectories, {num_demos or 1} asked: make more")
     return trajs
 
 
@@ -769,7 +779,9 @@ def main(args: Args):
     sim_ratio = 0.0 if args.mode == "real-only" else args.sim_ratio
     beta = args.aux_coef if args.mode == "rl-co" else 0.0
     stage_one = sim_ratio > 0 and ckpt is None and not args.evaluate  # sim demos serve Stage I only
-    sim_demos = load_sim_demos(args.demo_path, args.num_demos) if stage_one and args.demo_path else None
+    sim_file, real_file = stage_one and args.demo_path, args.real_demo_path and not args.evaluate
+    sim_demos = load_demos(args.demo_path, args.num_demos, NOMINAL_SHIFT) if sim_file else None
+    real = load_demos(args.real_demo_path, args.real_demos, real_shift) if real_file else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -779,11 +791,12 @@ def main(args: Args):
 
     eval_envs = VecEnv(args, args.num_eval_envs, real_shift, device, evaluation=True)
     obs_dim, A = eval_envs.obs_dim, eval_envs.act_dim
-    dims = {(o.shape[1], a.shape[1]) for o, a in sim_demos or []}
-    if dims - {(obs_dim, A)}:
-        eval_envs.close()
-        fail(f"{args.demo_path} has obs/action dims {'/'.join(map(str, dims.pop()))}, "
-             f"{args.env_id} {obs_dim}/{A}: pass demos made for this task")  # fmt: skip
+    for path, trajs in ((args.demo_path, sim_demos), (args.real_demo_path, real)):
+        dims = {(o.shape[1], a.shape[1]) for o, a in trajs or []}
+        if dims - {(obs_dim, A)}:
+            eval_envs.close()
+            fail(f"{path} has obs/action dims {'/'.join(map(str, dims.pop()))}, "
+                 f"{args.env_id} {obs_dim}/{A}: pass demos made for this task")  # fmt: skip
     K, H, C = args.denoising_steps, args.action_horizon, args.num_action_chunks
     policy = FlowNoisePolicy(obs_dim, A, H, K, args.sigma_min, args.sigma_max, args.hidden_dim, args.a0_zero)
     policy = policy.to(device)
@@ -820,7 +833,8 @@ def main(args: Args):
         return result
 
     expert = EXPERTS[args.env_id]
-    real = collect_demos(eval_envs, real_shift, args.real_demos, 10_000 + 1000 * args.seed, expert)
+    if real is None:
+        real = collect_demos(eval_envs, real_shift, args.real_demos, 10_000 + 1000 * args.seed, expert)
     if stage_one and not args.demo_path:  # layouts apart from the real demos' and the evaluation's
         sim_demos = collect_demos(eval_envs, domains["sim"], args.num_demos or 100, 10**6 * args.seed, expert)
     real_o, real_a = (torch.as_tensor(x, device=device) for x in demo_chunks(real, H))
@@ -853,8 +867,9 @@ def main(args: Args):
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     n_sim = 0 if sim_o is None else len(sim_o)
     backend = f"{args.sim_backend}, {args.vector_env}"
-    source = args.demo_path or "expert"
-    demos = f"{n_sim + len(real_o)} transitions ({n_sim} sim from {source}, {len(real_o)} real)"
+    source, real_source = args.demo_path or "expert", args.real_demo_path or "expert"
+    demos = f"{n_sim + len(real_o)} transitions"
+    demos += f" ({n_sim} sim from {source}, {len(real_o)} real from {real_source})"
     print(f"run {run_dir} | env {args.env_id} ({backend}) | device {device} | demos {demos}", flush=True)
     if ckpt is not None:
         print(f"resumed {args.checkpoint} at step {global_step}", flush=True)

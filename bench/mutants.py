@@ -113,6 +113,8 @@ MUTANTS: list[Mutant] = [
     Mutant("rl_cotrain", "env actions ignore the demos' range", "return self.act_low + (a.clamp(-1, 1) + 1) / 2 * (self.act_high - self.act_low)", "return a.clamp(-1, 1)", "leftover"),
     Mutant("rl_cotrain", "demos' range from every demo, not Stage I's", "used = [(sim_o, sim_a)] * (sim_ratio > 0) + [(real_o, real_a)] * (sim_ratio < 1)", "used = [(sim_o, sim_a)] * (sim_ratio > 0) + [(real_o, real_a)]", "demos_range"),
     Mutant("rl_cotrain", "normalised observations not clipped", "return ((o - self.obs_mean) / self.obs_std).clamp(-10, 10)", "return (o - self.obs_mean) / self.obs_std", "chain_log_prob_matches"),
+    Mutant("rl_cotrain", "a demo file's domain not checked", "        if made != shift:\n", "        if False:\n", "bad_input"),
+    Mutant("rl_cotrain", "--real-demo-path ignored for the expert's demos", "    if real is None:\n        real = collect_demos(", "    if True:\n        real = collect_demos(", "motion_planner"),
     # risk_pomdp
     Mutant("risk_pomdp", "emissions counted against the next hidden state", "N_O[b, h, s[:, :-1], o] += 1", "N_O[b, h, s[:, 1:], o] += 1", "hindsight"),
     Mutant("risk_pomdp", "an --out-dir that cannot be created raises instead of one error line", '        return f"--out-dir {args.out_dir!r} cannot be created ({e.strerror}); pass a writable directory"', "        raise", "out_dir or bad_input"),
@@ -130,6 +132,7 @@ def copy_repo(d: Path) -> Path:
     for f in ROOT.glob("*.py"):
         shutil.copy(f, d)
     shutil.copytree(ROOT / "tests", d / "tests")
+    shutil.copytree(ROOT / "bench", d / "bench")  # tools some tests run (bench/rl_cotrain_mp_demos.py)
     for f in ("make_demos.sh", "pyproject.toml"):
         shutil.copy(ROOT / f, d)
     return d

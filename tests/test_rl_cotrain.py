@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import h5py
@@ -255,7 +256,7 @@ def test_stage_one_maps_its_demos_range_to_minus_one_one(sim_demos, tmp_path, ca
     with h5py.File(sim_demos) as f, h5py.File(small, "w") as g:
         for key in f:
             g[f"{key}/obs"], g[f"{key}/actions"] = f[key]["obs"][()], 0.25 * f[key]["actions"][()]
-    acts = np.concatenate([a for _, a in rc.load_sim_demos(str(small), None)])
+    acts = np.concatenate([a for _, a in rc.load_demos(str(small), None, rc.NOMINAL_SHIFT)])
     _, run = _run(capsys, "--mode", "sft-cotrain", "--sim-ratio", "1", "--demo-path", str(small))
     policy = torch.load(run / "sft.pt", weights_only=False)["policy"]
     np.testing.assert_allclose(policy["act_low"].numpy(), acts.min(0))
@@ -360,8 +361,33 @@ def sim_demos(tmp_path_factory) -> Path:
         for i, (obs, act) in enumerate(trajs):
             f.create_dataset(f"traj_{i}/obs", data=np.concatenate([obs, obs[-1:]]))
             f.create_dataset(f"traj_{i}/actions", data=act)
-    assert [a.shape for _, a in rc.load_sim_demos(str(path), None)] == [a.shape for _, a in trajs]
+    loaded = rc.load_demos(str(path), None, rc.NOMINAL_SHIFT)
+    assert [a.shape for _, a in loaded] == [a.shape for _, a in trajs]
     return path
+
+
+def test_motion_planner_demos_under_the_real_shift_replay_to_success(tmp_path, capsys):
+    """bench/rl_cotrain_mp_demos.py: the motion planner's plan, tracked in the real domain, is a demo whose
+    actions solve the task when replayed there, and rl_cotrain trains on it with --real-demo-path."""
+    sys.path.insert(0, str(Path(rc.__file__).parent / "bench"))
+    import rl_cotrain_mp_demos as mp
+
+    path = tmp_path / "real.h5"
+    mp.main(mp.Args(num=1, out=str(path)))
+    shift = rc.parse_shift(rc.Args.real_shift)
+    [(obs, act)] = rc.load_demos(str(path), None, shift)
+    args = rc.Args(max_episode_steps=len(act), sim_backend="physx_cpu", vector_env="gymnasium")
+    envs = rc.VecEnv(args, 1, shift, CPU, evaluation=True)
+    try:
+        o = envs.reset([json.loads(path.with_suffix(".json").read_text())["episodes"][0]["episode_seed"]])
+        np.testing.assert_allclose(o[0].numpy(), obs[0], atol=1e-5)
+        for a in act:
+            *_, success = envs.step(torch.as_tensor(a[None]))
+        assert success.all()
+    finally:
+        envs.close()
+    out, _ = _run(capsys, "--mode", "real-only", "--real-demo-path", str(path), "--real-demos", "1")
+    assert f"{len(act)} real from {path}" in out
 
 
 @pytest.fixture(scope="module")
@@ -375,6 +401,12 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         f.create_dataset("traj_0/obs", data=np.zeros((500, 42), np.float32))
         f.create_dataset("traj_0/actions", data=np.zeros((499, 4), np.float32))
     files["truncated h5"].write_bytes(files["truncated h5"].read_bytes()[:3000])
+    files["nominal demo"] = d / "nominal.h5"  # its json records no shift: the nominal (sim) domain
+    with h5py.File(files["nominal demo"], "w") as f:
+        f.create_dataset("traj_0/obs", data=np.zeros((5, 42), np.float32))
+        f.create_dataset("traj_0/actions", data=np.zeros((4, 4), np.float32))
+    meta = {"env_info": {"env_kwargs": {"control_mode": "pd_ee_delta_pos"}}}
+    (d / "nominal.json").write_text(json.dumps(meta))
     files["sac_flow ckpt"] = d / "other.pt"
     torch.save({"actor": {}, "args": {"env_id": "PickCube-v1"}, "global_step": 0}, files["sac_flow ckpt"])
     files["truncated ckpt"] = d / "truncated.pt"
@@ -407,6 +439,9 @@ BAD_INPUTS = [
     (["--demo-path", "{truncated h5}"], "cannot read"),
     (["--demo-path", "{not h5}"], "cannot read"),
     (["--demo-path", "{no actions}"], "no actions"),
+    (["--demo-path", "{nominal demo}", "--num-demos", "3"], "holds 1 traj_* trajectories, 3 asked"),
+    (["--real-demo-path", "missing.h5"], "missing.h5 not found"),
+    (["--real-demo-path", "{nominal demo}"], "holds demos of the domain {'action_scale': 1.0"),
     (["--checkpoint", "{sac_flow ckpt}"], "not an rl_cotrain.py checkpoint"),
     (["--checkpoint", "{truncated ckpt}"], "cannot read checkpoint"),
     (["--checkpoint", "{PushCube ckpt}"], "--env-id PushCube-v1"),
@@ -450,7 +485,8 @@ def test_same_seed_same_numbers_exact_resume_and_nan_guard(capsys, monkeypatch):
     # without --demo-path the sim demos are the real demos' expert in the nominal domain, on other layouts
     (real, n_real, real_seed, len_real), (sim, n_sim, sim_seed, len_sim) = calls
     assert (real, n_real, sim, n_sim) == (rc.parse_shift(rc.Args.real_shift), 2, rc.NOMINAL_SHIFT, 2)
-    assert abs(sim_seed - real_seed) > 100 and f"({len_sim} sim from expert, {len_real} real)" in out
+    assert abs(sim_seed - real_seed) > 100
+    assert f"({len_sim} sim from expert, {len_real} real from expert)" in out
     monkeypatch.undo()
     sa = read_scalars(a)
     assert "charts/episodic_return" in sa and "losses/policy_loss" in sa
